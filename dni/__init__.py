@@ -1,0 +1,32 @@
+"""dni: Decoupled Neural Interfaces with synthetic gradients, and the rules they are compared with."""
+
+from dni.data import ClassificationData, synthetic, vision
+from dni.errors import CheckpointError, ConfigError, DataNotFoundError, Divergence, DNIError
+from dni.guard import Guard
+from dni.interface import DNI
+from dni.methods import Backprop, DecoupledNeuralInterfaces, Method
+from dni.models import CNN, FCN, BlockNet
+from dni.synthesizers import ConvSynthesizer, LinearSynthesizer, MLPSynthesizer, OracleSynthesizer
+
+__all__ = [
+    "DNI",
+    "Backprop",
+    "BlockNet",
+    "CNN",
+    "CheckpointError",
+    "ClassificationData",
+    "ConfigError",
+    "ConvSynthesizer",
+    "DNIError",
+    "DataNotFoundError",
+    "DecoupledNeuralInterfaces",
+    "Divergence",
+    "FCN",
+    "Guard",
+    "LinearSynthesizer",
+    "MLPSynthesizer",
+    "Method",
+    "OracleSynthesizer",
+    "synthetic",
+    "vision",
+]

@@ -1,0 +1,161 @@
+"""The DNI interface: a block paired with a synthesizer, so the block learns at once.
+
+Scale convention (stated once, here). Losses are batch means, so a true gradient
+`dL/dh` carries a factor 1/B and its entries shrink with the batch size. A synthesizer
+therefore predicts the per-example gradient `B * dL/dh`, which does not depend on B; it
+is regressed towards the arriving gradient multiplied by B, and its prediction is divided
+by B before it is injected. With Adam on both sides this matters: regressing the raw
+batch-mean gradient trains far worse (see DESIGN.md).
+
+Used on its own, in a plain PyTorch loop::
+
+    interfaces = [DNI(block, LinearSynthesizer(shape), adam, adam) for block, shape in ...]
+    h = x
+    for interface in interfaces:
+        h = interface(h)       # block k updates here, from its synthetic gradient
+    loss = F.cross_entropy(head(h), y)
+    loss.backward()            # the true gradient trains the last synthesizer
+    head_optimizer.step()
+
+Each interface returns a detached copy of its activation; whatever gradient later reaches
+that copy (the true one from the loss, or the one block k+1 sends back from its own
+synthetic gradient) becomes the regression target of the synthesizer, through a hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dni.errors import ConfigError
+from dni.functional import forward_without_stat_updates
+from dni.guard import Guard
+from dni.synthesizers import Synthesizer
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class DNI(nn.Module):
+    """Wraps block `f_k` and synthesizer `M_k` (and optionally an input synthesizer `I_k`).
+
+    In training mode `forward(x)` computes `h = f_k(x)`, predicts `g = M_k(h, c)`,
+    injects it with `h.backward(g / B)`, steps the block's optimiser at once, and returns
+    `h` detached; the gradient that later arrives at the returned tensor is the target
+    `delta` that `M_k` is regressed towards. In eval mode it is just the block.
+
+    Args:
+        block: the module `f_k`.
+        synthesizer: predicts `B * dL/dh` from `h` (and a context for cDNI).
+        optimizer: builds the block's optimiser from its parameters.
+        synthesizer_optimizer: builds the synthesizers' optimiser (unused by the oracle).
+        p_update: probability that the block applies its update on a step; forward (and
+            the backward that delivers the target below) always runs.
+        scale: factor on the injected synthetic gradient.
+        sg_loss_weight: factor on the synthesizer's regression loss.
+        input_synthesizer: `I_k`, predicting the block's input from the network input for
+            forward unlocking (see `unlocked_update`).
+        guard: checks synthetic gradients and regression losses; stops by default.
+        name: used in logs and messages, e.g. "block2".
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        synthesizer: Synthesizer,
+        optimizer: OptimizerFactory,
+        synthesizer_optimizer: OptimizerFactory,
+        *,
+        p_update: float = 1.0,
+        scale: float = 1.0,
+        sg_loss_weight: float = 1.0,
+        input_synthesizer: Synthesizer | None = None,
+        guard: Guard | None = None,
+        name: str = "block",
+    ):
+        super().__init__()
+        if not 0.0 <= p_update <= 1.0:
+            raise ConfigError(f"method.p_update={p_update!r} is not allowed; it must lie in [0, 1]")
+        self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
+        self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
+        self.guard = guard or Guard()
+        self.name = name
+        self.optimizer = optimizer(block.parameters())
+        learned = list(synthesizer.parameters())
+        self.synthesizer_optimizer = synthesizer_optimizer(learned) if learned else None
+        self.input_optimizer = (
+            synthesizer_optimizer(input_synthesizer.parameters()) if input_synthesizer is not None else None
+        )
+        # What the last step measured, as tensors (read them without forcing a sync).
+        self.stats: dict[str, Tensor] = {}
+        self.last_target: Tensor | None = None
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, update: bool | None = None) -> Tensor:
+        if not self.training:
+            return self.block(x)
+        if update is None:
+            update = self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update)
+        h = self.block(x)
+        g = self.synthesizer(h.detach(), context)
+        injected = self.scale * g.detach() / h.shape[0]
+        self.stats["norm"] = injected.norm().detach()
+        if self.guard.synthetic_gradient(injected, self.name):
+            # Only the input needs a gradient when the block skips its update: it carries
+            # the bootstrapped target down to the interface below.
+            wants = list(self.block.parameters()) if update else []
+            if x.requires_grad:
+                wants.append(x)
+            if wants:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(h, injected, inputs=wants)
+            if update:
+                self.optimizer.step()
+        out = h.detach().requires_grad_()
+        out.register_hook(lambda delta: self._regress(g, delta))
+        return out
+
+    def _regress(self, prediction: Tensor, delta: Tensor) -> None:
+        """Regress `M_k` towards the arriving gradient `delta = dL/dh` (scaled by B)."""
+        target = delta.detach() * delta.shape[0]
+        self.last_target = target
+        with torch.enable_grad():  # hooks run inside a backward pass, where grad mode is off
+            loss = F.mse_loss(prediction, target)
+            self.stats["loss"] = loss.detach()
+            if self.synthesizer_optimizer is None or not self.guard.finite(
+                "synthesizer loss", loss, self.name
+            ):
+                return
+            self.synthesizer_optimizer.zero_grad(set_to_none=True)
+            (self.sg_loss_weight * loss).backward()
+        self.synthesizer_optimizer.step()
+
+    def unlocked_update(self, network_input: Tensor, context: Tensor | None = None) -> Tensor:
+        """Forward unlocking: update the block from `I_k`'s prediction of its input, before the
+        blocks below have run. Returns the prediction, for `learn_input` once the real input
+        is known. BatchNorm statistics are left to the real inputs."""
+        if self.input_synthesizer is None:
+            raise RuntimeError(f"{self.name} has no input synthesizer; set method.forward_unlock=true")
+        predicted = self.input_synthesizer(network_input)
+        if self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update):
+            h = forward_without_stat_updates(self.block, predicted.detach())
+            g = forward_without_stat_updates(self.synthesizer, h.detach(), context)
+            injected = self.scale * g.detach() / h.shape[0]
+            if self.guard.synthetic_gradient(injected, self.name):
+                self.optimizer.zero_grad(set_to_none=True)
+                h.backward(injected)
+                self.optimizer.step()
+        return predicted
+
+    def learn_input(self, predicted: Tensor, real_input: Tensor) -> None:
+        """Regress `I_k` towards the block's real input."""
+        loss = F.mse_loss(predicted, real_input.detach())
+        self.stats["input_loss"] = loss.detach()
+        if self.guard.finite("input-synthesizer loss", loss, self.name):
+            self.input_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.input_optimizer.step()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, p_update={self.p_update}, scale={self.scale}"

@@ -1,0 +1,108 @@
+"""What every learning rule offers the training loop, so the loop never asks which rule it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dni.fidelity import compare
+from dni.functional import forward_without_stat_updates
+from dni.guard import Guard
+from dni.losses import get_loss
+from dni.models import BlockNet
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class Method:
+    """A learning rule: one `step(x, y)` that trains `model` on a batch.
+
+    Subclasses set `name`, build their optimisers into `self.optimizers`, put any module
+    of their own (synthesizers, feedback weights) in `self.parts`, and implement `step`.
+    `parameter_gradients` is the update direction the rule would take at the current
+    parameters; the default is autograd's, which is right for backprop.
+    """
+
+    name = "method"
+
+    def __init__(self, model: BlockNet, loss: str = "cross_entropy", guard: Guard | None = None):
+        self.model = model
+        self.loss = get_loss(loss)
+        self.guard = guard or Guard()
+        self.parts = nn.ModuleDict({"model": model})
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    # -- training -----------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Train on one batch; return detached scalar tensors ("loss", "accuracy", ...)."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.parts.train()
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Models the loop evaluates on the test split, by log prefix."""
+        return {"test": self.model}
+
+    # -- measurements -------------------------------------------------------------------
+    def true_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Backprop's gradient of the loss for every parameter, at the current parameters and
+        batch; changes neither the parameters, their `.grad` nor BatchNorm statistics."""
+        params = dict(self.model.named_parameters())
+        loss = self.loss(forward_without_stat_updates(self.model, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return dict(zip(params, grads))
+
+    def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The gradient this rule would apply to every parameter at the current parameters."""
+        return self.true_gradients(x, y)
+
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Alignment of the rule's weight gradients with backprop's, per block (cosine,
+        Pearson correlation, relative error, sign agreement), at the same parameters and batch."""
+        return weight_alignment(
+            self.model, self.parameter_gradients(x, y), self.true_gradients(x, y), "align"
+        )
+
+    # -- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "parts": self.parts.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.parts.load_state_dict(state["parts"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"{len(state['optimizers'])} optimisers saved, {len(self.optimizers)} here")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        self.guard.load_state_dict(state["guard"])
+
+    def _outputs(self, logits: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
+        return {"loss": loss.detach(), "accuracy": (logits.argmax(1) == y).float().mean()}
+
+
+def block_of(model: BlockNet) -> dict[str, str]:
+    """Name of the block ("block1", ...) that holds each weight matrix or kernel of `model`."""
+    names = {}
+    for k, block in enumerate(model.blocks, start=1):
+        weights = [n for n, p in block.named_parameters() if p.dim() >= 2]
+        for n in weights:
+            names[f"blocks.{k - 1}.{n}"] = f"block{k}" if len(weights) == 1 else f"block{k}/{n}"
+    return names
+
+
+def weight_alignment(
+    model: BlockNet, gradients: dict[str, Tensor], reference: dict[str, Tensor], prefix: str
+) -> dict[str, float]:
+    """`compare` each weight's gradient with a reference gradient, keyed `prefix/stat/blockK`."""
+    out = {}
+    for param, block in block_of(model).items():
+        if param in gradients and param in reference:
+            for stat, value in compare(gradients[param], reference[param]).items():
+                out[f"{prefix}/{stat}/{block}"] = value
+    return out

@@ -1,0 +1,203 @@
+"""DNI and cDNI: every decoupled block learns from a synthetic gradient as soon as it has run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dni.errors import ConfigError
+from dni.fidelity import compare
+from dni.functional import forward_without_stat_updates
+from dni.guard import Guard
+from dni.interface import DNI, OptimizerFactory
+from dni.losses import one_hot
+from dni.methods.base import Method
+from dni.models import BlockNet
+from dni.synthesizers import OracleSynthesizer, Synthesizer
+
+SynthesizerFactory = Callable[..., Synthesizer]
+
+
+class DecoupledNeuralInterfaces(Method):
+    """The update-decoupled step of DESIGN.md over a `BlockNet`.
+
+    Interfaces sit after the blocks listed in `interfaces` (1-based; all hidden blocks by
+    default); the blocks between two interfaces form one segment trained by backprop
+    within itself, with its own optimiser. The blocks after the last interface (the head)
+    learn from the true loss, whose gradient also trains the last synthesizer; each lower
+    synthesizer is regressed towards what the segment above sends back from its own
+    synthetic gradient (bootstrapping).
+
+    Args:
+        model: the network.
+        optimizer: builds one optimiser per segment (and the head's).
+        synthesizer: builds `M_k` from `shape` (the activation's) and `context_dim`.
+        synthesizer_optimizer: builds the synthesizers' optimisers; defaults to `optimizer`.
+        conditioned: cDNI: the synthesizers also see the one-hot label.
+        interfaces: block indices (1..K-1) followed by an interface; None for all.
+        p_update: probability that a segment applies its update on a step (one value, or one
+            per interface).
+        sg_loss_weight, scale: see `DNI`.
+        forward_unlock: give every interface but the first an input synthesizer, built by
+            `input_synthesizer` from the network input's shape, so its segment trains on a
+            predicted input before the blocks below have run ("complete unlock").
+        loss: "cross_entropy" or "mse".
+        guard: divergence checks shared by all interfaces.
+    """
+
+    def __init__(
+        self,
+        model: BlockNet,
+        optimizer: OptimizerFactory,
+        synthesizer: SynthesizerFactory,
+        synthesizer_optimizer: OptimizerFactory | None = None,
+        conditioned: bool = False,
+        interfaces: Sequence[int] | None = None,
+        p_update: float | Sequence[float] = 1.0,
+        sg_loss_weight: float = 1.0,
+        scale: float = 1.0,
+        forward_unlock: bool = False,
+        input_synthesizer: SynthesizerFactory | None = None,
+        loss: str = "cross_entropy",
+        guard: Guard | None = None,
+    ):
+        super().__init__(model, loss, guard)
+        self.name = "cdni" if conditioned else "dni"
+        self.conditioned = conditioned
+        shapes = model.activation_shapes()
+        self.num_classes = shapes[-1][0]
+        cuts = _interface_positions(interfaces, len(model.blocks))
+        p_updates = _per_interface("p_update", p_update, len(cuts))
+        if forward_unlock and input_synthesizer is None:
+            raise ConfigError("method.forward_unlock=true needs method.input_synthesizer to be set")
+        synthesizer_optimizer = synthesizer_optimizer or optimizer
+        device = next(model.parameters()).device
+
+        self.interfaces = nn.ModuleList()
+        starts = [0, *cuts]
+        for i, (start, end) in enumerate(zip(starts[:-1], cuts)):
+            segment = _segment(model.blocks[start:end])
+            m_k = synthesizer(shape=shapes[end - 1], context_dim=self.num_classes if conditioned else 0)
+            i_k = None
+            if forward_unlock and i > 0:
+                i_k = input_synthesizer(shape=model.input_shape, out_shape=shapes[start - 1])
+            interface = DNI(
+                segment,
+                m_k.to(device),
+                optimizer,
+                synthesizer_optimizer,
+                p_update=p_updates[i],
+                scale=scale,
+                sg_loss_weight=sg_loss_weight,
+                input_synthesizer=i_k.to(device) if i_k is not None else None,
+                guard=self.guard,
+                name=f"block{end}",
+            )
+            if isinstance(m_k, OracleSynthesizer):
+                m_k.attach(self._downstream(_segment(model.blocks[end:])))
+            self.interfaces.append(interface)
+        self.head = _segment(model.blocks[cuts[-1] :])
+        self.head_optimizer = optimizer(self.head.parameters())
+        # Blocks share their modules with `model`, so only the synthesizers are saved apart.
+        self.parts["synthesizers"] = nn.ModuleList(
+            nn.ModuleList([i.synthesizer, *([i.input_synthesizer] if i.input_synthesizer else [])])
+            for i in self.interfaces
+        )
+        self.optimizers = [self.head_optimizer]
+        for i in self.interfaces:
+            self.optimizers += [o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o]
+
+    def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
+
+    def _context(self, interface: DNI, labels: Tensor) -> Tensor | None:
+        return labels if self.conditioned or interface.synthesizer.needs_labels else None
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        labels = one_hot(y, self.num_classes, like=x)
+        h = x
+        for interface in self.interfaces:
+            context = self._context(interface, labels)
+            if interface.input_synthesizer is not None:
+                predicted = interface.unlocked_update(x, context)
+                interface.learn_input(predicted, h)
+                h = interface(h, context, update=False)  # the real pass only delivers targets
+            else:
+                h = interface(h, context)
+        logits = self.head(h)
+        loss = self.loss(logits, y)
+        if self.guard.finite("loss", loss):
+            self.head_optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # trains the last synthesizer, through the hook on h
+            self.head_optimizer.step()
+        out = self._outputs(logits, y, loss)
+        for interface in self.interfaces:
+            out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
+        return out
+
+    # -- measurements -------------------------------------------------------------------
+    def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
+        """The gradient the interface would inject at activation `h` (batch-mean scale)."""
+        g = forward_without_stat_updates(interface.synthesizer, h.detach(), self._context(interface, labels))
+        return interface.scale * g.detach() / h.shape[0]
+
+    def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        labels = one_hot(y, self.num_classes, like=x)
+        names = {p: n for n, p in self.model.named_parameters()}
+        grads: dict[str, Tensor] = {}
+        h = x
+        for interface in self.interfaces:
+            h = forward_without_stat_updates(interface.block, h.detach())
+            params = list(interface.block.parameters())
+            found = torch.autograd.grad(h, params, self._synthetic(interface, h, labels))
+            grads.update({names[p]: g for p, g in zip(params, found)})
+        params = list(self.head.parameters())
+        loss = self.loss(forward_without_stat_updates(self.head, h.detach()), y)
+        grads.update({names[p]: g for p, g in zip(params, torch.autograd.grad(loss, params))})
+        return grads
+
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Weight alignment (see `Method`) and, per interface, the synthetic gradient against
+        the true `dL/dh_k` at the same parameters and batch: `sg/cosine/block2`, ..."""
+        out = super().diagnostics(x, y)
+        labels = one_hot(y, self.num_classes, like=x)
+        activations, h = [], x
+        for interface in self.interfaces:
+            h = forward_without_stat_updates(interface.block, h)
+            activations.append(h)
+        loss = self.loss(forward_without_stat_updates(self.head, h), y)
+        truths = torch.autograd.grad(loss, activations)
+        for interface, h, truth in zip(self.interfaces, activations, truths):
+            for stat, value in compare(self._synthetic(interface, h, labels), truth).items():
+                out[f"sg/{stat}/{interface.name}"] = value
+        return out
+
+
+def _segment(blocks: Sequence[nn.Module]) -> nn.Module:
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
+
+
+def _interface_positions(interfaces: Sequence[int] | None, num_blocks: int) -> list[int]:
+    allowed = list(range(1, num_blocks))
+    if not allowed:
+        raise ConfigError("DNI needs at least one hidden block; set model.depth >= 1")
+    if interfaces is None:
+        return allowed
+    cuts = sorted({int(k) for k in interfaces})
+    if not cuts or any(k not in allowed for k in cuts):
+        raise ConfigError(
+            f"method.interfaces={list(interfaces)} is not allowed; with {num_blocks} blocks choose "
+            f"from {allowed} (an interface follows a hidden block), or null for all"
+        )
+    return cuts
+
+
+def _per_interface(key: str, value: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ConfigError(f"method.{key} has {len(values)} values but there are {count} interfaces")
+    return values

@@ -1,0 +1,267 @@
+"""The one training loop, for every learning rule.
+
+It knows methods only through `Method`: `step` on a batch, `diagnostics` on a schedule,
+`eval_models` to test, and `state_dict` to checkpoint. Everything a run writes goes to
+`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dni import checkpoint
+from dni.errors import ConfigError, Divergence
+from dni.methods.base import Method
+from dni.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class Task(Protocol):
+    """What the loop needs of a data set; `dni.data.ClassificationData` is one."""
+
+    name: str
+    num_train: int | None
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+@dataclass
+class Trainer:
+    """The budget and the schedule of a run.
+
+    Give the budget as `steps` or as `epochs` (which wins when both are set). Every
+    `eval_every` steps the test split is evaluated; every `log_every` steps the training
+    metrics are written; every `diagnostics_every` steps (0: never) the method's gradient
+    fidelity is measured; every `checkpoint_every` steps (and at the end) the full training
+    state is saved, keeping the newest `keep_checkpoints`.
+    """
+
+    steps: int | None = 2000
+    epochs: float | None = None
+    batch_size: int = 256
+    eval_every: int = 500
+    log_every: int = 50
+    diagnostics_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"trainer.{key}={value!r} is not allowed; it must be an integer >= 1")
+        if self.epochs is None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(
+                f"trainer.steps={self.steps!r} is not allowed; give an integer >= 1 or set trainer.epochs"
+            )
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"trainer.epochs={self.epochs!r} is not allowed; it must be > 0")
+        if self.diagnostics_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("trainer.diagnostics_every must be >= 0 and trainer.keep_checkpoints >= 1")
+
+    def total_steps(self, num_train: int | None) -> int:
+        if self.epochs is None:
+            return self.steps
+        if num_train is None:
+            raise ConfigError("trainer.epochs needs a data set of fixed size; set trainer.steps instead")
+        return max(1, math.ceil(self.epochs * (num_train // self.batch_size)))
+
+    def fit(
+        self,
+        method: Method,
+        data: Task,
+        out_dir: str | os.PathLike,
+        *,
+        scheduler: SchedulerFactory | None = None,
+        hparams: dict[str, Any] | None = None,
+        resume: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """Train `method` on `data` (see `dni.data` for what a task offers), writing into
+        `out_dir`; return the final metrics.
+
+        Resumes from `resume` (a checkpoint file or a run folder), or from the newest
+        checkpoint already in `out_dir`. Raises `Divergence` after recording it.
+        """
+        out_dir = Path(out_dir)
+        total = self.total_steps(data.num_train)
+        batches = data.batches(self.batch_size, self.seed)
+        schedulers = [scheduler(o) for o in method.optimizers] if scheduler else []
+        info = {"method": method.name, "model": method.model.name, "dataset": data.name}
+        signature = {**info, "architecture": _architecture(method)}
+
+        start, restored = 0, None
+        source = _resume_source(resume, out_dir)
+        if source is not None:
+            device = next(method.model.parameters()).device
+            restored = checkpoint.load(source, signature, device=device)
+            method.load_state_dict(restored["method"])
+            batches.load_state_dict(restored["batches"])
+            for s, saved in zip(schedulers, restored["schedulers"]):
+                s.load_state_dict(saved)
+            checkpoint.set_rng_state(restored["rng"])
+            start = restored["step"]
+            log.info("resuming from %s at step %d", source, start)
+
+        tracker = Tracker(out_dir, info, purge_step=start + 1 if restored else None)
+        clock = _Clock(restored["clock"] if restored else None)
+        if restored:
+            tracker.load_state_dict(restored["tracker"])
+        if hparams and not restored:
+            tracker.hparams(hparams)
+        eval_models = method.eval_models()
+        if "control/test" in eval_models:
+            tracker.layout(
+                {
+                    "train loss": ["train/loss", "control/train/loss"],
+                    "test error": ["test/error", "control/test/error"],
+                    "test loss": ["test/loss", "control/test/loss"],
+                }
+            )
+        tracker.write_metrics("running", steps=start, total_steps=total)
+
+        def save(step: int) -> None:
+            state = {
+                "signature": signature,
+                "step": step,
+                "method": method.state_dict(),
+                "batches": batches.state_dict(),
+                "schedulers": [s.state_dict() for s in schedulers],
+                "rng": checkpoint.rng_state(),
+                "tracker": tracker.state_dict(),
+                "clock": clock.state_dict(),
+            }
+            tracker.writer.flush()  # events up to the checkpoint survive a kill; later ones are purged
+            checkpoint.save(out_dir, step, state, keep=self.keep_checkpoints)
+
+        def summary(status: str, step: int, **extra: Any) -> dict[str, Any]:
+            return tracker.write_metrics(
+                status,
+                steps=step,
+                total_steps=total,
+                test_error=tracker.last.get("test/error"),
+                test_loss=tracker.last.get("test/loss"),
+                wall_time_s=clock.elapsed(),
+                samples_per_s=clock.samples / max(clock.train_time, 1e-9),
+                data_time_share=clock.data_time / max(clock.train_time, 1e-9),
+                skipped_updates=method.guard.skipped,
+                **extra,
+            )
+
+        method.train()
+        bar = tqdm(
+            total=total,
+            initial=start,
+            disable=None if self.progress else True,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        step, window_start, window_samples = start, time.perf_counter(), 0
+        try:
+            while step < total:
+                began = time.perf_counter()
+                x, y = next(batches)
+                fetched = time.perf_counter()
+                if self.diagnostics_every and step % self.diagnostics_every == 0:
+                    tracker.scalars(method.diagnostics(x, y), step + 1)
+                measured = time.perf_counter()  # measurements do not count as training time
+                metrics = method.step(x, y)
+                for s in schedulers:
+                    s.step()
+                step += 1
+                clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
+                window_samples += len(x)
+                bar.update()
+
+                if step % self.log_every == 0 or step == total:
+                    values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
+                    values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
+                    values["train/samples_per_s"] = window_samples / (time.perf_counter() - window_start)
+                    tracker.scalars(values, step)
+                    bar.set_postfix(
+                        loss=f"{values['train/loss']:.4f}", sps=f"{values['train/samples_per_s']:.0f}"
+                    )
+                    window_start, window_samples = time.perf_counter(), 0
+                if step % self.eval_every == 0 or step == total:
+                    results = {}
+                    for prefix, model in eval_models.items():
+                        results.update({f"{prefix}/{k}": v for k, v in data.evaluate(model).items()})
+                    tracker.scalars(results, step, history=True)
+                    log.info(
+                        "step %d/%d: test error %.2f%%, test loss %.4f",
+                        step,
+                        total,
+                        100 * results["test/error"],
+                        results["test/loss"],
+                    )
+                    method.train()
+                    window_start = time.perf_counter()  # evaluation is not training throughput
+                if step % self.checkpoint_every == 0 or step == total:
+                    save(step)
+                    tracker.write_metrics("running", steps=step, total_steps=total)
+        except Divergence as divergence:
+            divergence.at_step(step + 1)
+            where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
+            summary("diverged", step, divergence=where)
+            raise
+        finally:
+            bar.close()
+            tracker.close()
+        return summary("completed", step)
+
+
+class _Clock:
+    """Wall time and training throughput, carried across resumes."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.before = state.get("elapsed", 0.0)
+        self.data_time = state.get("data_time", 0.0)
+        self.train_time = state.get("train_time", 0.0)
+        self.samples = state.get("samples", 0)
+        self.started = time.perf_counter()
+
+    def add(self, data_time: float, step_time: float, samples: int) -> None:
+        self.data_time += data_time
+        self.train_time += step_time
+        self.samples += samples
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        return {
+            "elapsed": self.elapsed(),
+            "data_time": self.data_time,
+            "train_time": self.train_time,
+            "samples": self.samples,
+        }
+
+
+def _architecture(method: Method) -> str:
+    params = sum(p.numel() for p in method.parts.parameters())
+    return f"{len(method.model.blocks)} blocks, {params} parameters"
+
+
+def _resume_source(resume: str | os.PathLike | None, out_dir: Path) -> Path | None:
+    if resume is not None:
+        path = Path(resume)
+        return (checkpoint.latest(path) or path / checkpoint.FOLDER) if path.is_dir() else path
+    return checkpoint.latest(out_dir)

@@ -1,0 +1,148 @@
+"""Train one configuration; the only Hydra entry point.
+
+    python experiments/train.py                                  # backprop, FCN, MNIST
+    python experiments/train.py experiment=mnist_fcn_cdni        # a paper setting
+    python experiments/train.py -m method=bprop,dni,cdni model.depth=3,6
+
+Each run writes into its Hydra output folder: `.hydra/`, TensorBoard events,
+`metrics.json` and `checkpoints/`. Errors a user can cause end the run with one sentence
+(and `status: failed` or `diverged` in metrics.json), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `experiments.*`
+
+from dni.errors import ConfigError, Divergence, DNIError  # noqa: E402
+from dni.methods import Backprop  # noqa: E402
+from dni.tracking import read_metrics, write_json  # noqa: E402
+from experiments.checks import RunFailed  # noqa: E402
+
+log = logging.getLogger("dni")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name} but CUDA is not available on this machine; use device=cpu or device=auto"
+        )
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device={name!r} is unknown; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def configure_torch(seed: int, threads: int | None, deterministic: bool) -> None:
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values the constructors would reject with an unhelpful message, checked up front."""
+    for key in ("optim.lr", "method.synthesizer_optimizer.lr"):
+        lr = OmegaConf.select(cfg, key)
+        if lr is not None and not float(lr) > 0:
+            raise ConfigError(f"{key}={lr} is not allowed; a learning rate must be > 0")
+    if cfg.resume is not None and not Path(cfg.resume).exists():
+        raise ConfigError(
+            f"resume={cfg.resume} does not exist; point it at a run folder or a step_*.pt checkpoint"
+        )
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The run's choices and settings, flattened, for TensorBoard's HPARAMS view."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not str(key).startswith("_"):
+                    walk(value, f"{prefix}{key}.")
+        elif node is not None:
+            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    for group in ("dataset", "model", "method", "method/synthesizer", "optim", "experiment"):
+        if choices.get(group):
+            flat[f"choice/{group}"] = choices[group]
+    return flat
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Build everything the config names and train it; return the final metrics."""
+    check_values(cfg)
+    configure_torch(cfg.seed, cfg.threads, cfg.deterministic)
+    device = pick_device(cfg.device)
+    data = instantiate(cfg.dataset).to(device)
+    model = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    twin = copy.deepcopy(model) if cfg.control else None
+    optimizer = instantiate(cfg.optim)
+    guard = instantiate(cfg.guard)
+    method = instantiate(cfg.method)(model=model, optimizer=optimizer, guard=guard)
+    if twin is not None:
+        from dni.methods.control import Controlled
+
+        method = Controlled(method, Backprop(twin, optimizer, loss=method.loss.name))
+    trainer = instantiate(cfg.trainer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    log.info(
+        "%s on %s (%s), %d steps, writing to %s",
+        method.name,
+        data.name,
+        model.name,
+        trainer.total_steps(data.num_train),
+        out_dir,
+    )
+    return trainer.fit(
+        method, data, out_dir, scheduler=scheduler, hparams=hyperparameters(cfg), resume=cfg.resume
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, out_dir)["test_error"]
+    except DNIError as error:
+        if not isinstance(error, Divergence):  # a divergence is already recorded, with its history
+            record_failure(out_dir, str(error))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("%s", error)  # this job fails; the others go on
+        raise RunFailed(str(error)) from None
+    except Exception as error:  # a bug: keep the traceback, but never leave "running" behind
+        record_failure(out_dir, f"{type(error).__name__}: {error}")
+        raise
+
+
+def record_failure(out_dir: Path, message: str) -> None:
+    previous = read_metrics(out_dir) or {}
+    write_json(out_dir / "metrics.json", {**previous, "status": "failed", "error": message})
+
+
+if __name__ == "__main__":
+    main()
