@@ -23,6 +23,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -35,6 +36,16 @@ from dni.tracking import read_metrics, write_json  # noqa: E402
 from experiments.checks import RunFailed  # noqa: E402
 
 log = logging.getLogger("dni")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate`, letting our own errors through instead of Hydra's wrapper around them."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, DNIError):
+            raise error.__cause__ from None
+        raise
 
 
 def pick_device(name: str) -> torch.device:
@@ -98,18 +109,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     check_values(cfg)
     configure_torch(cfg.seed, cfg.threads, cfg.deterministic)
     device = pick_device(cfg.device)
-    data = instantiate(cfg.dataset).to(device)
-    model = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    data = build(cfg.dataset).to(device)
+    model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
     twin = copy.deepcopy(model) if cfg.control else None
-    optimizer = instantiate(cfg.optim)
-    guard = instantiate(cfg.guard)
-    method = instantiate(cfg.method)(model=model, optimizer=optimizer, guard=guard)
+    optimizer = build(cfg.optim)
+    guard = build(cfg.guard)
+    method = build(cfg.method)(model=model, optimizer=optimizer, guard=guard)
     if twin is not None:
         from dni.methods.control import Controlled
 
         method = Controlled(method, Backprop(twin, optimizer, loss=method.loss.name))
-    trainer = instantiate(cfg.trainer)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    trainer = build(cfg.trainer)
+    scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     log.info(
         "%s on %s (%s), %d steps, writing to %s",
         method.name,

@@ -1,0 +1,70 @@
+"""Shared fixtures: the offline data root, config composition, and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def data_root() -> Path:
+    """$DNI_DATA_ROOT, else the shared offline copy beside the checkout."""
+    return Path(os.environ.get("DNI_DATA_ROOT") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST from the offline data root, loaded once per session."""
+    from dni.data import vision
+
+    root = data_root()
+    if not (root / "MNIST" / "raw").is_dir():
+        message = f"MNIST is not under {root}; set DNI_DATA_ROOT to a folder holding MNIST/raw"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return vision("mnist", root, download=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def compose_config(*overrides: str):
+    """The real composed config (as `experiments/train.py` sees it), with overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python experiments/train.py <args>` in a subprocess, with the data root set."""
+    full_env = {**os.environ, "DNI_DATA_ROOT": str(data_root()), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "train.py"), *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a run folder's TensorBoard events, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

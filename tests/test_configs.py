@@ -1,0 +1,90 @@
+"""Every config group option and every experiment composes, instantiates, and runs briefly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from dni.data import ClassificationData, synthetic
+from dni.errors import DataNotFoundError
+from dni.methods import Method
+from experiments.train import build, run
+from tests.conftest import CONF, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def tiny(*overrides: str) -> list[str]:
+    """Overrides that shrink any run to seconds on synthetic data."""
+    return [
+        *overrides,
+        "dataset=synthetic",
+        "dataset.num_train=256",
+        "dataset.num_test=64",
+        "trainer.steps=3",
+        "trainer.epochs=null",
+        "trainer.batch_size=32",
+        "trainer.eval_every=3",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "device=cpu",
+    ]
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_vision_data_sets_compose_and_fail_clearly_offline(name, tmp_path):
+    cfg = compose_config(f"dataset={name}", f"dataset.root={tmp_path}", "dataset.download=false")
+    with pytest.raises(DataNotFoundError, match="DNI_DATA_ROOT"):
+        build(cfg.dataset)
+
+
+def test_synthetic_data_set_instantiates():
+    data = instantiate(compose_config("dataset=synthetic").dataset)
+    assert isinstance(data, ClassificationData) and data.input_shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("method", options("method"))
+def test_every_model_and_method_instantiates(model, method):
+    synthesizer = ["method/synthesizer=conv"] if model == "cnn" and method in ("dni", "cdni") else []
+    cfg = compose_config(f"model={model}", f"method={method}", "model.depth=2", *synthesizer)
+    data = synthetic(num_train=64, num_test=8)
+    net = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
+    instance = instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
+    assert isinstance(instance, Method) and instance.model is net
+
+
+@pytest.mark.parametrize("synthesizer", options("method/synthesizer"))
+def test_every_synthesizer_trains(synthesizer, tmp_path):
+    model = ["model=cnn", "model.depth=2", "model.channels=8"] if synthesizer == "conv" else []
+    cfg = compose_config(*tiny("method=cdni", f"method/synthesizer={synthesizer}", *model))
+    assert run(cfg, tmp_path)["status"] == "completed"
+
+
+@pytest.mark.parametrize("option", options("optim") + options("scheduler") + options("debug"))
+def test_other_groups_compose_and_run(option, tmp_path):
+    group = next(g for g in ("optim", "scheduler", "debug") if option in options(g))
+    cfg = compose_config(*tiny(f"{group}={option}"))
+    assert run(cfg, tmp_path)["status"] == "completed"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path):
+    cfg = compose_config(f"experiment={experiment}")
+    shape = {"cifar10": "[3,32,32]"}.get(cfg.dataset.get("name"), "[1,28,28]")
+    overrides = tiny(f"experiment={experiment}", f"dataset.shape={shape}")
+    if cfg.model._target_.endswith("CNN"):
+        overrides.append("model.channels=8")
+    result = run(compose_config(*overrides), tmp_path)
+    assert result["status"] == "completed" and result["steps"] == 3
+
+
+def test_paper_schedule_sets_the_papers_budget():
+    cfg = compose_config("experiment=mnist_fcn_cdni", "schedule=paper")
+    assert cfg.trainer.steps == 500_000 and cfg.optim.lr == 3e-5 and cfg.trainer.batch_size == 256
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    assert sorted(scheduler.milestones) == [300_000, 400_000] and scheduler.gamma == 0.1

@@ -1,0 +1,83 @@
+"""The runner end to end: learning on real MNIST, determinism, what a run writes, sweeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dni.tracking import read_metrics
+from experiments.train import run
+from tests.conftest import compose_config, read_scalars, run_cli
+
+FAST = ["trainer.progress=false", "device=cpu"]
+
+
+@pytest.mark.slow
+def test_backprop_learns_mnist(mnist, tmp_path, monkeypatch):
+    """The default FCN under backprop reaches at most 4% test error in 1000 steps (~10 s)."""
+    monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
+    cfg = compose_config("experiment=mnist_fcn_bprop", "trainer.steps=1000", "trainer.eval_every=1000", *FAST)
+    result = run(cfg, tmp_path)
+    assert result["status"] == "completed" and result["test_error"] <= 0.04, result["test_error"]
+
+
+def test_same_seed_gives_the_same_loss_trajectory(tmp_path):
+    losses = []
+    for attempt in ("a", "b"):
+        cfg = compose_config("debug=fast", "method=cdni", "trainer.log_every=1", "seed=3", *FAST)
+        run(cfg, tmp_path / attempt)
+        losses.append([v for _, v in read_scalars(tmp_path / attempt)["train/loss"]])
+    assert len(losses[0]) == 20 and losses[0] == losses[1]
+
+
+def test_a_run_writes_metrics_and_readable_events(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("debug=fast", f"hydra.run.dir={out}", "trainer.progress=false")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 20
+    assert {"method", "model", "dataset", "test_error", "test_loss", "wall_time_s"} <= metrics.keys()
+    assert (metrics["method"], metrics["model"], metrics["dataset"]) == ("bprop", "fcn", "synthetic")
+    scalars = read_scalars(out)
+    for tag in ("train/loss", "train/accuracy", "test/loss", "test/error", "train/lr", "train/samples_per_s"):
+        assert tag in scalars and scalars[tag], tag
+    assert scalars["test/error"][-1] == (20, pytest.approx(metrics["test_error"]))
+    assert (out / ".hydra" / "config.yaml").is_file() and list((out / "checkpoints").glob("step_*.pt"))
+    hparams = _hparams_plugin_data(out)
+    assert "method._target_" not in hparams and hparams["trainer.batch_size"] == 64
+
+
+def _hparams_plugin_data(run_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in info.hparams.items()}
+
+
+def test_multirun_sweeps_a_grid(tmp_path):
+    result = run_cli("-m", "debug=fast", "method=bprop", "model.depth=1,2", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert result.returncode == 0, result.stderr
+    depths = sorted(
+        (compose_job["model"]["depth"], read_metrics(tmp_path / job)["status"])
+        for job in ("0", "1")
+        for compose_job in [_job_config(tmp_path / job)]
+    )
+    assert depths == [(1, "completed"), (2, "completed")]
+
+
+def _job_config(job_dir) -> dict:
+    import yaml
+
+    return yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+
+
+def test_missing_data_offline_is_one_sentence_without_traceback(tmp_path):
+    result = run_cli(f"dataset.root={tmp_path / 'nowhere'}", "dataset.download=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "DNI_DATA_ROOT" in result.stderr
+    assert read_metrics(tmp_path / "run")["status"] == "failed"
