@@ -31,7 +31,11 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class Task(Protocol):
-    """What the loop needs of a data set; `dni.data.ClassificationData` is one."""
+    """What the loop needs of a data set; `dni.data.ClassificationData` is one.
+
+    A task with state of its own (a curriculum) also offers `state_dict` and
+    `load_state_dict`, and the loop checkpoints it with everything else.
+    """
 
     name: str
     num_train: int | None
@@ -116,6 +120,8 @@ class Trainer:
             batches.load_state_dict(restored["batches"])
             for s, saved in zip(schedulers, restored["schedulers"]):
                 s.load_state_dict(saved)
+            if hasattr(data, "load_state_dict"):  # e.g. a curriculum's level
+                data.load_state_dict(restored["task"])
             checkpoint.set_rng_state(restored["rng"])
             start = restored["step"]
             log.info("resuming from %s at step %d", source, start)
@@ -143,6 +149,7 @@ class Trainer:
                 "step": step,
                 "method": method.state_dict(),
                 "batches": batches.state_dict(),
+                "task": data.state_dict() if hasattr(data, "state_dict") else None,
                 "schedulers": [s.state_dict() for s in schedulers],
                 "rng": checkpoint.rng_state(),
                 "tracker": tracker.state_dict(),
@@ -256,8 +263,8 @@ class _Clock:
 
 
 def _architecture(method: Method) -> str:
-    params = sum(p.numel() for p in method.parts.parameters())
-    return f"{len(method.model.blocks)} blocks, {params} parameters"
+    shapes = [tuple(p.shape) for p in method.parts.parameters()]
+    return f"{len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} parameters"
 
 
 def _resume_source(resume: str | os.PathLike | None, out_dir: Path) -> Path | None:
