@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `
 from dni.errors import ConfigError, Divergence, DNIError  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
-from experiments.checks import RunFailed  # noqa: E402
+from experiments.callbacks import RunFailed  # noqa: E402
 
 log = logging.getLogger("dni")
 
@@ -91,7 +91,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if not str(key).startswith("_"):
+                if not str(key).startswith("_") and key != "report":
                     walk(value, f"{prefix}{key}.")
         elif node is not None:
             flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
@@ -143,7 +143,8 @@ def main(cfg: DictConfig) -> float | None:
         if not isinstance(error, Divergence):  # a divergence is already recorded, with its history
             record_failure(out_dir, str(error))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.error("%s", error)  # this job fails; the others go on
+            log.error("%s", error)  # this job fails, the others go on; the sweep exits non-zero
+            return None
         raise RunFailed(str(error)) from None
     except Exception as error:  # a bug: keep the traceback, but never leave "running" behind
         record_failure(out_dir, f"{type(error).__name__}: {error}")

@@ -1,7 +1,8 @@
-"""Checks Hydra runs before any job starts, so their errors read as one sentence."""
+"""Hydra callbacks: an early check of the output folder, and a sweep's report at its end."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger("dni")
 
 
 class RunFailed(CompactHydraException):
@@ -52,3 +55,26 @@ def why_unwritable(folder: Path) -> str | None:
     if not os.access(path, os.W_OK | os.X_OK):
         return f"{path} is not writable"
     return None
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: the sweep's table and figures (when the experiment has a
+    `report:` node), and a non-zero exit when any job failed or diverged, after all jobs ran."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from experiments.report import ReportSpec, collect, make_report
+
+        sweep_dir = getattr(self, "sweep_dir", None) or Path(str(config.hydra.sweep.dir))
+        runs = collect(sweep_dir)
+        if config.get("report") and runs:
+            report = make_report(sweep_dir, ReportSpec.from_dict(dict(config.report)))
+            log.info("\n%s", report.read_text())
+        failed = [run for run in runs if run.status != "completed"]
+        if failed:
+            listing = ", ".join(f"{run.path.name} ({run.status})" for run in failed)
+            log.error("%d of %d jobs did not complete: %s", len(failed), len(runs), listing)
+            sys.exit(1)
