@@ -98,6 +98,7 @@ class DecoupledNeuralInterfaces(Method):
             if isinstance(m_k, OracleSynthesizer):
                 m_k.attach(self._downstream(_segment(model.blocks[end:])))
             self.interfaces.append(interface)
+        self.cuts = cuts  # the block (1-based) after which each interface sits
         self.head = _segment(model.blocks[cuts[-1] :])
         self.head_optimizer = optimizer(self.head.parameters())
         # Blocks share their modules with `model`, so only the synthesizers are saved apart.
@@ -112,26 +113,43 @@ class DecoupledNeuralInterfaces(Method):
     def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
 
-    def _context(self, interface: DNI, labels: Tensor) -> Tensor | None:
+    def context(self, interface: DNI, labels: Tensor) -> Tensor | None:
+        """What `interface`'s synthesizer is conditioned on: the one-hot labels, or None."""
         return labels if self.conditioned or interface.synthesizer.needs_labels else None
 
-    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        labels = one_hot(y, self.num_classes, like=x)
-        h = x
-        for interface in self.interfaces:
-            context = self._context(interface, labels)
-            if interface.input_synthesizer is not None:
-                predicted = interface.unlocked_update(x, context)
-                interface.learn_input(predicted, h)
-                h = interface(h, context, update=False)  # the real pass only delivers targets
-            else:
-                h = interface(h, context)
+    # The step in three parts, so that a pipeline stage (`dni.distributed`) can run a slice of it.
+    def unlock(self, interface: DNI, x: Tensor, labels: Tensor) -> Tensor | None:
+        """Forward unlocking: update `interface`'s block from a predicted input, before the blocks
+        below have run; return the prediction (None for an interface without input synthesizer)."""
+        if interface.input_synthesizer is None:
+            return None
+        return interface.unlocked_update(x, self.context(interface, labels))
+
+    def advance(self, interface: DNI, h: Tensor, labels: Tensor, predicted: Tensor | None = None) -> Tensor:
+        """Pass the real input `h` through `interface` (its block updates at once) and return its
+        output; `predicted` is what `unlock` returned, if the block already trained on it."""
+        context = self.context(interface, labels)
+        if predicted is None:
+            return interface(h, context)
+        interface.learn_input(predicted, h)
+        return interface(h, context, update=False)  # the real pass only delivers targets
+
+    def learn_head(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Train the head on the true loss; its gradient at `h` is the last interface's target."""
         logits = self.head(h)
         loss = self.loss(logits, y)
         if self.guard.finite("loss", loss):
             self.head_optimizer.zero_grad(set_to_none=True)
             loss.backward()  # trains the last synthesizer, through the hook on h
             self.head_optimizer.step()
+        return logits, loss
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        labels = one_hot(y, self.num_classes, like=x)
+        h = x
+        for interface in self.interfaces:
+            h = self.advance(interface, h, labels, self.unlock(interface, x, labels))
+        logits, loss = self.learn_head(h, y)
         out = self._outputs(logits, y, loss)
         for interface in self.interfaces:
             out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
@@ -140,7 +158,7 @@ class DecoupledNeuralInterfaces(Method):
     # -- measurements -------------------------------------------------------------------
     def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
         """The gradient the interface would inject at activation `h` (batch-mean scale)."""
-        g = forward_without_stat_updates(interface.synthesizer, h.detach(), self._context(interface, labels))
+        g = forward_without_stat_updates(interface.synthesizer, h.detach(), self.context(interface, labels))
         return interface.scale * g.detach() / h.shape[0]
 
     def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
