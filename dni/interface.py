@@ -131,6 +131,15 @@ class DNI(nn.Module):
             (self.sg_loss_weight * loss).backward()
         self.synthesizer_optimizer.step()
 
+    def regress_late(self, h: Tensor, delta: Tensor, context: Tensor | None = None) -> None:
+        """Regress `M_k` towards a target that arrives after `M_k` may have stepped (an
+        asynchronous pipeline, `dni.distributed`). The prediction at the activation `h` is made
+        afresh at the current parameters: the graph of the one made in `forward` refers to
+        parameters that have since been changed in place."""
+        with torch.enable_grad():
+            prediction = forward_without_stat_updates(self.synthesizer, h.detach(), context)
+        self._regress(prediction, delta)
+
     def unlocked_update(self, network_input: Tensor, context: Tensor | None = None) -> Tensor:
         """Forward unlocking: update the block from `I_k`'s prediction of its input, before the
         blocks below have run. Returns the prediction, for `learn_input` once the real input
