@@ -71,21 +71,25 @@ class Run:
     path: Path
     config: dict[str, Any]
     metrics: dict[str, Any] | None
+    choices: dict[str, Any] = field(default_factory=dict)  # Hydra's group choices, e.g. method: cdni
 
     @property
     def status(self) -> str:
         return (self.metrics or {}).get("status", "missing")
 
     def lookup(self, key: str) -> Any:
-        """A `metrics.json` field, else a dotted key of the config (e.g. "model.depth")."""
+        """A `metrics.json` field, else a config group's choice (e.g. "method"), else a dotted
+        key of the config (e.g. "model.depth"); None when absent or not a single value."""
         if self.metrics and key in self.metrics:
             return self.metrics[key]
+        if key in self.choices:
+            return self.choices[key]
         node: Any = self.config
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
-        return node
+        return None if isinstance(node, (dict, list)) else node
 
 
 def collect(sweep_dir: str | Path) -> list[Run]:
@@ -93,7 +97,10 @@ def collect(sweep_dir: str | Path) -> list[Run]:
     runs = []
     for config_file in sorted(Path(sweep_dir).glob("**/.hydra/config.yaml")):
         folder = config_file.parent.parent
-        runs.append(Run(folder, yaml.safe_load(config_file.read_text()) or {}, read_metrics(folder)))
+        hydra_file = config_file.with_name("hydra.yaml")
+        hydra = yaml.safe_load(hydra_file.read_text()) if hydra_file.exists() else {}
+        choices = ((hydra or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
+        runs.append(Run(folder, yaml.safe_load(config_file.read_text()) or {}, read_metrics(folder), choices))
     return runs
 
 
