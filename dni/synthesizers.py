@@ -43,7 +43,7 @@ def _flat_output(kind: str, shape: tuple[int, ...]) -> int:
     if len(shape) != 1:
         raise ConfigError(
             f"the {kind} synthesizer needs flat activations but got shape {shape}; "
-            "use method/synthesizer=conv for convolutional models"
+            "use synthesizer=conv for convolutional models"
         )
     return shape[0]
 
@@ -114,7 +114,7 @@ class ConvSynthesizer(Synthesizer):
         if len(self.shape) != 3 or len(self.out_shape) != 3:
             raise ConfigError(
                 f"the conv synthesizer needs feature maps (C, H, W) but got shape {self.shape}; "
-                "use method/synthesizer=linear or mlp for fully connected models"
+                "use synthesizer=linear or mlp for fully connected models"
             )
         padding = kernel_size // 2
         in_channels = self.shape[0] + context_dim

@@ -98,7 +98,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    for group in ("dataset", "model", "method", "method/synthesizer", "optim", "experiment"):
+    for group in ("dataset", "model", "method", "synthesizer", "optim", "experiment"):
         if choices.get(group):
             flat[f"choice/{group}"] = choices[group]
     return flat

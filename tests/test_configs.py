@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from dni.data import ClassificationData, synthetic
-from dni.errors import DataNotFoundError
+from dni.errors import ConfigError, DataNotFoundError
 from dni.methods import Method
 from experiments.train import build, run
 from tests.conftest import CONF, compose_config
@@ -49,18 +49,22 @@ def test_synthetic_data_set_instantiates():
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("method", options("method"))
 def test_every_model_and_method_instantiates(model, method):
-    synthesizer = ["method/synthesizer=conv"] if model == "cnn" and method in ("dni", "cdni") else []
+    synthesizer = ["synthesizer=conv"] if model == "cnn" else []
     cfg = compose_config(f"model={model}", f"method={method}", "model.depth=2", *synthesizer)
     data = synthetic(num_train=64, num_test=8)
     net = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
+    if model == "cnn" and method in ("backward_net", "fa", "dfa"):  # fully connected networks only
+        with pytest.raises(ConfigError, match="use model=fcn"):
+            instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
+        return
     instance = instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
     assert isinstance(instance, Method) and instance.model is net
 
 
-@pytest.mark.parametrize("synthesizer", options("method/synthesizer"))
+@pytest.mark.parametrize("synthesizer", options("synthesizer"))
 def test_every_synthesizer_trains(synthesizer, tmp_path):
     model = ["model=cnn", "model.depth=2", "model.channels=8"] if synthesizer == "conv" else []
-    cfg = compose_config(*tiny("method=cdni", f"method/synthesizer={synthesizer}", *model))
+    cfg = compose_config(*tiny("method=cdni", f"synthesizer={synthesizer}", *model))
     assert run(cfg, tmp_path)["status"] == "completed"
 
 

@@ -210,7 +210,7 @@ def test_cnn_interfaces_use_conv_synthesizers():
     method = DecoupledNeuralInterfaces(model, adam, conv, conditioned=True)
     x, y = torch.randn(8, 1, 12, 12), torch.randint(10, (8,))
     assert torch.isfinite(method.step(x, y)["loss"])
-    with pytest.raises(ConfigError, match="method/synthesizer=conv"):
+    with pytest.raises(ConfigError, match="synthesizer=conv"):
         DecoupledNeuralInterfaces(CNN((1, 12, 12), 10, depth=2, channels=4), adam, LinearSynthesizer)
 
 

@@ -156,7 +156,7 @@ BAD_INPUTS = {
     "CNN on flat data": (["model=cnn", "dataset.shape=[784]"], "model=cnn needs image inputs"),
     "linear synthesizer on a CNN": (
         ["model=cnn", "model.channels=4", "method=dni"],
-        "use method/synthesizer=conv",
+        "use synthesizer=conv",
     ),
     "interface after the classifier": (
         ["method=dni", "method.interfaces=[4]"],
@@ -190,7 +190,7 @@ def test_bad_input_is_one_sentence_and_writes_no_result(case, tmp_path):
         (["method=nonsense"], "Available options in 'method'"),
         (["model=mlp"], "Available options in 'model'"),
         (["dataset=imagenet"], "Available options in 'dataset'"),
-        (["method=dni", "method/synthesizer=transformer"], "Available options in 'method/synthesizer'"),
+        (["method=dni", "synthesizer=transformer"], "Available options in 'synthesizer'"),
         (["dataset.root=/nonexistent", "dataset.download=false"], "set DNI_DATA_ROOT or dataset.root"),
     ],
 )
