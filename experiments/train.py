@@ -108,6 +108,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything the config names and train it; return the final metrics."""
     check_values(cfg)
     configure_torch(cfg.seed, cfg.threads, cfg.deterministic)
+    pipeline = build(cfg.parallel) if cfg.get("parallel") else None  # claims this rank's GPU first
     device = pick_device(cfg.device)
     data = build(cfg.dataset).to(device)
     model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
@@ -129,6 +130,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer.total_steps(data.num_train),
         out_dir,
     )
+    if pipeline is not None:  # one process per stage, launched by torchrun (dni.distributed)
+        hparams = hyperparameters(cfg)
+        return pipeline.fit(
+            method, data, trainer, out_dir, scheduler=scheduler, hparams=hparams, resume=cfg.resume
+        )
     return trainer.fit(
         method, data, out_dir, scheduler=scheduler, hparams=hyperparameters(cfg), resume=cfg.resume
     )
@@ -152,9 +158,19 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def record_failure(out_dir: Path, message: str) -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes the run folder
+        return
     previous = read_metrics(out_dir) or {}
     write_json(out_dir / "metrics.json", {**previous, "status": "failed", "error": message})
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun every rank runs this script, but only rank 0 writes the run folder: the
+    others keep Hydra from saving `.hydra/` and a log file there, and log to the console."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    quiet_other_ranks()
     main()
