@@ -78,10 +78,14 @@ class Run:
         return (self.metrics or {}).get("status", "missing")
 
     def lookup(self, key: str) -> Any:
-        """A `metrics.json` field, else a config group's choice (e.g. "method"), else a dotted
-        key of the config (e.g. "model.depth"); None when absent or not a single value."""
+        """A `metrics.json` field (also dotted into it, e.g. "final.test/level"), else a config
+        group's choice (e.g. "method"), else a dotted key of the config (e.g. "model.depth");
+        None when absent or not a single value."""
         if self.metrics and key in self.metrics:
             return self.metrics[key]
+        head, _, rest = key.partition(".")  # e.g. "final.test/level": a metric's last logged value
+        if self.metrics and isinstance(self.metrics.get(head), dict) and rest in self.metrics[head]:
+            return self.metrics[head][rest]
         if key in self.choices:
             return self.choices[key]
         node: Any = self.config
