@@ -7,9 +7,10 @@ means each group is used by one thread per process.
 
 Receives run in a background thread per inbox: gloo cannot tell whether a posted receive
 has completed without blocking on it, and a stage must be able to ask "has the target of
-batch t arrived?" without waiting. Sends are non-blocking; their completion is collected
-lazily. Every wait is bounded by `timeout`, and a lost or stalled peer surfaces as one
-`PipelineError` that names the stage, the message and the fix.
+batch t arrived?" without waiting. Sends run in a background thread too, so a stage never
+waits for a transfer unless its peer falls behind. Every wait is bounded by `timeout`, and
+a lost or stalled peer surfaces as one `PipelineError` that names the stage, the message
+and the fix.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import queue
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -67,6 +69,25 @@ def lost(what: str, error: BaseException) -> PipelineError:
     return PipelineError(f"{what} ({why}): that rank crashed; see its log")
 
 
+@dataclass
+class Link:
+    """One direction of one kind of message between this rank and `peer`."""
+
+    peer: int
+    group: dist.ProcessGroup | None
+    timeout: float
+    describe: Callable[[int], str]  # message index -> "stage 1: the activation of batch 7"
+    device: torch.device
+
+    @property
+    def nccl(self) -> bool:
+        return self.device.type == "cuda"
+
+    def enter_thread(self) -> None:
+        if self.nccl:  # the current CUDA device is per thread
+            torch.cuda.set_device(self.device)
+
+
 class Inbox:
     """The `count` messages of one kind from one peer, received in order in the background.
 
@@ -74,29 +95,21 @@ class Inbox:
     returns the next message if it has arrived, else None; `get()` waits for it.
     """
 
-    def __init__(
-        self,
-        peer: int,
-        group: dist.ProcessGroup | None,
-        count: int,
-        make: Callable[[int], Tensor],
-        timeout: float,
-        describe: Callable[[int], str],
-        nccl: bool = False,
-    ):
-        self.peer, self.group, self.count, self.make = peer, group, count, make
-        self.timeout, self.describe, self.nccl = float(timeout), describe, nccl
+    def __init__(self, link: Link, count: int, make: Callable[[int], Tensor]):
+        self.link, self.count, self.make = link, count, make
         self.received = 0
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._receive_all, name=f"inbox-from-{peer}", daemon=True)
+        self._thread = threading.Thread(target=self._receive_all, name=f"from-{link.peer}", daemon=True)
         self._thread.start()
 
     def _receive_all(self) -> None:
+        link = self.link
+        link.enter_thread()
         for i in range(self.count):
             buffer = self.make(i)
             try:
-                work = dist.irecv(buffer, src=self.peer, group=self.group)
-                finish(work, self.timeout, self.nccl)
+                work = dist.irecv(buffer, src=link.peer, group=link.group)
+                finish(work, link.timeout, link.nccl)
             except Exception as error:  # handed to the main thread, which raises it with context
                 self._queue.put(error)
                 return
@@ -113,59 +126,78 @@ class Inbox:
     def get(self) -> Tensor:
         """The next message, waiting at most `timeout` seconds for it."""
         try:
-            item = self._queue.get(timeout=self.timeout + _GRACE_S)
+            item = self._queue.get(timeout=self.link.timeout + _GRACE_S)
         except queue.Empty:
-            item = TimeoutError(f"timed out after {self.timeout:g} s")
+            item = TimeoutError(f"timed out after {self.link.timeout:g} s")
         return self._take(item)
 
     def _take(self, item: Tensor | BaseException) -> Tensor:
-        index = self.received
         if isinstance(item, BaseException):
-            raise lost(f"{self.describe(index)} never arrived from rank {self.peer}", item) from None
+            what = f"{self.link.describe(self.received)} never arrived from rank {self.link.peer}"
+            raise lost(what, item) from None
         self.received += 1
         return item
 
 
 class Outbox:
-    """Non-blocking sends of one kind to one peer; at most `depth` of them in flight."""
+    """Sends of one kind to one peer, made by a background thread, so that the stage never
+    waits for the transfer itself (gloo copies into the socket in the caller's thread). At
+    most `depth` messages wait in line; a longer line means the peer is behind, and `send`
+    blocks until there is room (the caller counts that as time spent sending)."""
 
-    def __init__(
-        self,
-        peer: int,
-        group: dist.ProcessGroup | None,
-        timeout: float,
-        describe: Callable[[int], str],
-        depth: int = 4,
-        nccl: bool = False,
-    ):
-        self.peer, self.group, self.timeout, self.describe = peer, group, float(timeout), describe
-        self.depth, self.nccl = max(1, depth), nccl
+    def __init__(self, link: Link, depth: int = 4):
+        self.link = link
         self.sent = 0
-        self._works: deque[tuple[int, dist.Work, Tensor]] = deque()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._failure: tuple[int, BaseException] | None = None
+        self._thread = threading.Thread(target=self._send_all, name=f"to-{link.peer}", daemon=True)
+        self._thread.start()
 
     def send(self, tensor: Tensor) -> None:
-        """Start sending `tensor`, which must not be changed until it is delivered."""
-        tensor = tensor.detach().contiguous()
+        """Queue `tensor` for sending; it must not be changed afterwards."""
+        self._check()
         try:
-            work = dist.isend(tensor, dst=self.peer, group=self.group)
-        except Exception as error:
-            raise lost(f"{self.describe(self.sent)} could not be sent to rank {self.peer}", error) from None
-        self._works.append((self.sent, work, tensor))  # keeps the tensor alive while in flight
+            self._queue.put((self.sent, tensor.detach().contiguous()), timeout=self.link.timeout + _GRACE_S)
+        except queue.Full:
+            self._failure = self._failure or (
+                self.sent,
+                TimeoutError(f"timed out after {self.link.timeout:g} s"),
+            )
+        self._check()
         self.sent += 1
-        while len(self._works) > self.depth:
-            self._finish_oldest()
 
     def flush(self) -> None:
-        """Wait until every send has been delivered."""
-        while self._works:
-            self._finish_oldest()
-
-    def _finish_oldest(self) -> None:
-        index, work, _ = self._works.popleft()
+        """Wait until every queued message has been delivered."""
         try:
-            finish(work, self.timeout, self.nccl)
-        except Exception as error:
-            raise lost(f"{self.describe(index)} could not be sent to rank {self.peer}", error) from None
+            self._queue.put(None, timeout=self.link.timeout + _GRACE_S)
+        except queue.Full:
+            pass  # the thread is stuck on a send; the join below times out and says so
+        self._thread.join(timeout=self.link.timeout * (self._queue.qsize() + 1) + _GRACE_S)
+        if self._thread.is_alive():
+            self._failure = self._failure or (
+                self.sent,
+                TimeoutError(f"timed out after {self.link.timeout:g} s"),
+            )
+        self._check()
+
+    def _send_all(self) -> None:
+        link = self.link
+        link.enter_thread()
+        while (item := self._queue.get()) is not None:
+            index, tensor = item
+            if self._failure is not None:
+                continue  # drain the line so the main thread is never blocked; it raises the failure
+            try:
+                finish(dist.isend(tensor, dst=link.peer, group=link.group), link.timeout, link.nccl)
+            except Exception as error:
+                self._failure = (index, error)
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            index, error = self._failure
+            raise lost(
+                f"{self.link.describe(index)} could not be sent to rank {self.link.peer}", error
+            ) from None
 
 
 Groups = dict[tuple[str, int, int], dist.ProcessGroup]

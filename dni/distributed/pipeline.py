@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dni.distributed.links import Inbox, Outbox, pair_groups
+from dni.distributed.links import Inbox, Link, Outbox, pair_groups
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import ConfigError, Divergence
 from dni.methods.dni import DecoupledNeuralInterfaces
@@ -287,71 +287,44 @@ class _StageRun:
     # -- links --------------------------------------------------------------------------
     def _links(self, backend: str) -> None:
         k, stage, timeout = self.rank, self.stage, self.pipeline.timeout
-        nccl = backend == "nccl"
         self.inputs = self.activations = self.targets_out = self.targets_in = self.reports_out = None
         self.report_inboxes: dict[int, Inbox] = {}
         if self.world == 1:
             return
         groups = pair_groups(self.world, backend, timeout)
         shapes = self.method.model.activation_shapes()
-        batch = self.trainer.batch_size
+        depth = self.staleness + 2  # messages queued for sending before `send` waits
 
-        def buffer(shape: tuple[int, ...]) -> Callable[[int], Tensor]:
-            return lambda i: torch.empty(batch, *shape, device=self.device)
+        def link(kind: str, source: int, dest: int, describe: Callable[[int], str]) -> Link:
+            peer = dest if source == k else source
+            return Link(peer, groups[(kind, source, dest)], timeout, describe, self.device)
+
+        def batches(shape: tuple[int, ...]) -> Callable[[int], Tensor]:
+            return lambda i: torch.empty(self.trainer.batch_size, *shape, device=self.device)
+
+        def activation(t: int) -> str:
+            return f"stage {k}: the activation of batch {t + 1}"
+
+        def target(t: int) -> str:
+            return f"stage {k}: the target of batch {t + 1}"
 
         if not stage.first:
-            shape = shapes[stage.start - 1]
-            self.inputs = Inbox(
-                k - 1,
-                groups[("activations", k - 1, k)],
-                self.total,
-                buffer(shape),
-                timeout,
-                lambda t: f"stage {k}: the activation of batch {t + 1}",
-                nccl,
-            )
-            self.targets_out = Outbox(
-                k - 1,
-                groups[("targets", k, k - 1)],
-                timeout,
-                lambda t: f"stage {k}: the target of batch {t + 1}",
-                self.staleness + 2,
-                nccl,
-            )
+            inputs = link("activations", k - 1, k, activation)
+            self.inputs = Inbox(inputs, self.total, batches(shapes[stage.start - 1]))
+            self.targets_out = Outbox(link("targets", k, k - 1, target), depth)
         if not stage.last:
-            shape = shapes[stage.end - 1]
-            self.activations = Outbox(
-                k + 1,
-                groups[("activations", k, k + 1)],
-                timeout,
-                lambda t: f"stage {k}: the activation of batch {t + 1}",
-                self.staleness + 2,
-                nccl,
-            )
-            self.targets_in = Inbox(
-                k + 1,
-                groups[("targets", k + 1, k)],
-                self.total,
-                buffer(shape),
-                timeout,
-                lambda t: f"stage {k}: the target of batch {t + 1}",
-                nccl,
-            )
+            self.activations = Outbox(link("activations", k, k + 1, activation), depth)
+            targets = link("targets", k + 1, k, target)
+            self.targets_in = Inbox(targets, self.total, batches(shapes[stage.end - 1]))
         if k > 0:
-            self.reports_out = Outbox(
-                0, groups[("reports", k, 0)], timeout, lambda i: f"stage {k}: report {i + 1}", 4, nccl
-            )
-        else:
-            for j in range(1, self.world):
-                self.report_inboxes[j] = Inbox(
-                    j,
-                    groups[("reports", j, 0)],
-                    len(self.report_steps),
-                    self._report_buffer(j),
-                    timeout,
-                    lambda i, j=j: f"stage 0: the report of stage {j} for step {self.report_steps[i]}",
-                    nccl,
-                )
+            self.reports_out = Outbox(link("reports", k, 0, lambda i: f"stage {k}: report {i + 1}"))
+        for j in range(1, self.world if k == 0 else 1):
+
+            def report(i: int, j: int = j) -> str:
+                return f"stage 0: the report of stage {j} for step {self.report_steps[i]}"
+
+            inbox = Inbox(link("reports", j, 0, report), len(self.report_steps), self._report_buffer(j))
+            self.report_inboxes[j] = inbox
 
     def _report_size(self, k: int, step: int) -> int:
         stage = self.stages[k]

@@ -1,0 +1,65 @@
+"""One rank of a pipeline run for tests/test_pipeline.py, without Hydra (it starts faster).
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \\
+        python tests/pipeline_worker.py '{"out": "/tmp/run", "staleness": 0, "steps": 30}'
+
+The same `build` gives the single-process reference in the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dni.data import synthetic  # noqa: E402
+from dni.methods import DecoupledNeuralInterfaces  # noqa: E402
+from dni.models import FCN  # noqa: E402
+from dni.synthesizers import LinearSynthesizer, MLPSynthesizer  # noqa: E402
+from dni.training import Trainer  # noqa: E402
+
+DEFAULTS = {"steps": 30, "depth": 3, "width": 64, "batch_size": 32, "eval_every": 10, "forward_unlock": False}
+
+
+def build(settings: dict) -> tuple[DecoupledNeuralInterfaces, object, Trainer]:
+    """A small cDNI FCN on synthetic data, seeded, and its budget."""
+    settings = {**DEFAULTS, **settings}
+    torch.manual_seed(0)
+    data = synthetic(num_train=512, num_test=128, separation=0.3)
+    model = FCN(data.input_shape, data.num_classes, depth=settings["depth"], width=settings["width"])
+    method = DecoupledNeuralInterfaces(
+        model,
+        partial(torch.optim.Adam, lr=1e-3),
+        partial(MLPSynthesizer, hidden=[32]) if settings.get("mlp") else LinearSynthesizer,
+        conditioned=True,
+        forward_unlock=settings["forward_unlock"],
+        input_synthesizer=partial(MLPSynthesizer, hidden=[32], zero_init=False),
+    )
+    trainer = Trainer(
+        steps=settings["steps"],
+        batch_size=settings["batch_size"],
+        eval_every=settings["eval_every"],
+        log_every=1,
+        progress=False,
+    )
+    return method, data, trainer
+
+
+def main(settings: dict) -> None:
+    from dni.distributed import Pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.set_num_threads(1)
+    method, data, trainer = build(settings)
+    pipeline = Pipeline(staleness=settings.get("staleness", 1), timeout=settings.get("timeout", 30))
+    pipeline.fit(method, data, trainer, settings["out"])
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,241 @@
+"""Decoupled DNI across processes (`dni.distributed`): the same numbers as one process when the
+schedule is synchronous, learning on MNIST with two gloo processes, and a quick, clear failure
+when a rank dies or stalls. The multi-process tests spawn real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dni.distributed import Pipeline, balanced_boundaries
+from dni.distributed.stage import check_boundaries
+from dni.errors import ConfigError
+from dni.interface import DNI
+from dni.methods import Backprop, DecoupledNeuralInterfaces
+from dni.models import FCN
+from dni.synthesizers import LinearSynthesizer, MLPSynthesizer
+from tests import pipeline_worker
+from tests.conftest import REPO, data_root, read_scalars
+
+WORKER = REPO / "tests" / "pipeline_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, settings: dict, logs: Path) -> list[subprocess.Popen]:
+    """`world` ranks of tests/pipeline_worker.py on loopback; stderr of rank r in logs/r.log."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        with open(logs / f"{rank}.log", "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), json.dumps(settings)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar but the timings, which no two runs share."""
+    found = read_scalars(run_dir)
+    return {tag: v for tag, v in found.items() if "samples_per_s" not in tag and "pipeline/" not in tag}
+
+
+def single_process(settings: dict, out: Path) -> dict[str, list[tuple[int, float]]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every rank, so matrix products sum in the same order
+    try:
+        method, data, trainer = pipeline_worker.build(settings)
+        trainer.fit(method, data, out)
+    finally:
+        torch.set_num_threads(threads)
+    return scalars(out)
+
+
+# -- splitting a method into stages ---------------------------------------------------------
+def test_stages_are_balanced_by_compute_and_boundaries_are_checked():
+    fcn = DecoupledNeuralInterfaces(FCN((1, 28, 28), 10), torch.optim.Adam, LinearSynthesizer)
+    # Block 1 (784 -> 256) costs about as much as blocks 2 and 3 (256 -> 256) together.
+    assert fcn.cuts == [1, 2, 3] and balanced_boundaries(fcn, 2) == [1]
+    assert balanced_boundaries(fcn, 4) == [1, 2, 3] and balanced_boundaries(fcn, 1) == []
+    even = DecoupledNeuralInterfaces(FCN((512,), 10, depth=4, width=512), torch.optim.Adam, LinearSynthesizer)
+    assert balanced_boundaries(even, 2) == [2]
+    assert check_boundaries([3], 2, fcn.cuts) == [3]
+    for stages, bad in ((2, [0]), (2, [4]), (3, [2, 1]), (3, [1, 1]), (3, [1])):
+        with pytest.raises(ConfigError, match="parallel.boundaries"):
+            check_boundaries(bad, stages, fcn.cuts)
+    with pytest.raises(ConfigError, match="at most 4 stages"):
+        balanced_boundaries(fcn, 5)
+
+
+def test_settings_that_cannot_work_stop_with_one_sentence(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    method, data, trainer = pipeline_worker.build({})
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node=2"):
+        Pipeline(stages=2).fit(method, data, trainer, tmp_path)
+    with pytest.raises(ConfigError, match="method=dni or method=cdni"):
+        Pipeline().fit(Backprop(method.model, torch.optim.Adam), data, trainer, tmp_path)
+    with pytest.raises(ConfigError, match="parallel.staleness"):
+        Pipeline(staleness=-1)
+
+
+# -- equivalence to one process -------------------------------------------------------------
+def test_late_target_regresses_a_fresh_prediction():
+    """A target that arrives after the synthesizer has stepped cannot use the graph of the old
+    prediction (autograd refuses); `regress_late` predicts afresh, and on time it is the same."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU())
+    interface = DNI(block, MLPSynthesizer((8,), hidden=[16]), torch.optim.Adam, torch.optim.Adam)
+    twin = DNI(*_copies(interface), torch.optim.Adam, torch.optim.Adam)
+    twin.load_state_dict(interface.state_dict())
+    x, delta = torch.randn(5, 6), torch.randn(5, 8)
+    out, out_twin = interface(x), twin(x)
+    out.backward(delta)  # on time: the hook regresses the prediction made in forward
+    twin.regress_late(out_twin, delta)
+    for a, b in zip(interface.synthesizer.parameters(), twin.synthesizer.parameters()):
+        torch.testing.assert_close(a, b)
+    first, second = interface(x), interface(x)
+    first.backward(delta)  # the synthesizer steps
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        second.backward(delta)
+    before = [p.clone() for p in interface.synthesizer.parameters()]
+    interface.regress_late(second, delta)
+    assert any(not torch.equal(a, b) for a, b in zip(before, interface.synthesizer.parameters()))
+
+
+def _copies(interface: DNI) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import copy
+
+    return copy.deepcopy(interface.block), copy.deepcopy(interface.synthesizer)
+
+
+def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"steps": 20, "mlp": True}
+    reference = single_process(settings, tmp_path / "single")
+    method, data, trainer = pipeline_worker.build(settings)
+    torch.set_num_threads(1)
+    result = Pipeline(stages=1).fit(method, data, trainer, tmp_path / "pipeline")
+    assert result["status"] == "completed" and result["parallel"]["stages"] == 1
+    assert scalars(tmp_path / "pipeline") == reference and len(reference["train/loss"]) == 20
+
+
+def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
+    """Staleness 0: every stage waits for batch t's target before batch t+1, which is exactly
+    the order of the single-process step, so every logged number matches to float tolerance.
+    Three stages (a middle one sends and receives both ways), forward unlocking on (stages 1
+    and 2 train on a predicted input before the real one arrives)."""
+    world = 3
+    settings = {"forward_unlock": True, "steps": 24, "staleness": 0, "out": str(tmp_path / "pipeline")}
+    procs = spawn(world, settings, tmp_path / "logs")
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [0] * world, (tmp_path / "logs" / "0.log").read_text()[-2000:]
+    got, expected = scalars(tmp_path / "pipeline"), single_process(settings, tmp_path / "single")
+    assert got.keys() == expected.keys() and len(got["train/loss"]) == 24
+    for tag, values in expected.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in values], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in values], rel=1e-5, abs=1e-7), tag
+    metrics = json.loads((tmp_path / "pipeline" / "metrics.json").read_text())
+    assert metrics["parallel"]["stages"] == world and metrics["stages"][0]["staleness_max"] == 0
+
+
+# -- learning, through the runner -----------------------------------------------------------
+@pytest.mark.slow
+def test_two_gloo_processes_learn_mnist(tmp_path):
+    """torchrun, 2 stages (block 1 | blocks 2-3 and the head), cDNI with the default staleness
+    bound 1: at most 6% test error after 400 steps (one process: 3.6% at the same step)."""
+    root = data_root()
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST is not under {root}; set DNI_DATA_ROOT to a folder holding MNIST/raw")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "experiments" / "train.py"), "experiment=mnist_fcn_cdni", "parallel=pipeline"]
+    command += ["trainer.steps=400", "trainer.eval_every=200", "trainer.progress=false", "device=cpu"]
+    # Microseconds in the folder name: the two ranks' Hydra would name different folders.
+    command += [f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"]
+    env = {**os.environ, "DNI_DATA_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()  # rank 1 wrote nothing, and left no folder behind
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 400
+    assert metrics["parallel"] == {"stages": 2, "boundaries": [1], "staleness": 1, "backend": "gloo"}
+    assert metrics["test_error"] <= 0.06, metrics["test_error"]
+    logged = read_scalars(run)
+    assert [s for s, _ in logged["test/error"]] == [200, 400] and len(logged["train/loss"]) == 8
+    for stage in (0, 1):
+        assert logged[f"pipeline/stage{stage}/samples_per_s"][-1][1] > 0
+    assert 0 <= logged["pipeline/stage0/staleness_max"][-1][1] <= 1
+    assert (run / ".hydra" / "config.yaml").is_file() and "stage 1/2" in result.stdout + result.stderr
+
+
+# -- failure --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "signal_, expected, bound_s",
+    [(signal.SIGKILL, "that rank crashed", 10), (signal.SIGSTOP, "raise parallel.timeout", 3 + 10)],
+    ids=["killed", "stalled"],
+)
+def test_a_lost_rank_stops_the_job_with_a_clear_error(signal_, expected, bound_s, tmp_path):
+    """Rank 1 is killed (or frozen) mid-run: rank 0 must stop with an error naming rank 1,
+    at once for a closed connection, after `timeout` (3 s here) for silence; never hang."""
+    settings = {"steps": 10**6, "timeout": 3, "out": str(tmp_path / "run"), "eval_every": 10**6}
+    logs = tmp_path / "logs"
+    procs = spawn(2, settings, logs)
+    try:
+        deadline = time.monotonic() + 90
+        while not all("stage" in (logs / f"{r}.log").read_text() for r in (0, 1)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "ranks did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # well into training
+        os.kill(procs[1].pid, signal_)
+        lost_at = time.monotonic()
+        code = procs[0].wait(timeout=bound_s + 30)
+        elapsed = time.monotonic() - lost_at
+    finally:
+        if signal_ == signal.SIGSTOP:
+            os.kill(procs[1].pid, signal.SIGCONT)
+        stop(procs)
+    error = (logs / "0.log").read_text()
+    assert code != 0 and "PipelineError" in error and "rank 1" in error, error[-2000:]
+    assert expected in error, error[-2000:]
+    assert elapsed < bound_s, f"rank 0 needed {elapsed:.1f} s to give up"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "rank 1" in metrics["error"]
