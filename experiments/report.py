@@ -36,7 +36,8 @@ COLORS = {
     "backward_net": "tab:gray",
     "fa": "tab:green",
     "dfa": "tab:red",
-    "unlocked": "tab:brown",
+    "cdni_unlocked": "tab:brown",
+    "dni_unlocked": "tab:cyan",
 }
 MARKS = {"failed": "failed", "diverged": "diverged", "running": "unfinished", "missing": "unfinished"}
 

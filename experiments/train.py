@@ -64,9 +64,11 @@ def configure_torch(seed: int, threads: int | None, deterministic: bool) -> None
     if threads is not None:
         torch.set_num_threads(int(threads))
     if deterministic:
+        from torch.backends import cudnn  # imported here: joblib cannot pickle it as a global
+
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+        cudnn.benchmark = False
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -64,7 +64,7 @@ class DecoupledNeuralInterfaces(Method):
         guard: Guard | None = None,
     ):
         super().__init__(model, loss, guard)
-        self.name = "cdni" if conditioned else "dni"
+        self.name = ("cdni" if conditioned else "dni") + ("_unlocked" if forward_unlock else "")
         self.conditioned = conditioned
         shapes = model.activation_shapes()
         self.num_classes = shapes[-1][0]

@@ -1,0 +1,74 @@
+"""The table and figure scripts, on tiny real sweeps made here through the joblib launcher."""
+
+from __future__ import annotations
+
+import matplotlib.image
+
+from experiments.report import ReportSpec, collect, main, markdown_table
+from tests.conftest import run_cli
+
+TINY = [
+    "dataset=synthetic",
+    "dataset.num_train=256",
+    "dataset.num_test=64",
+    "trainer.steps=6",
+    "trainer.batch_size=32",
+    "trainer.eval_every=3",
+    "trainer.log_every=3",
+    "device=cpu",
+]
+
+
+def _png(path) -> tuple[int, ...]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return matplotlib.image.imread(path).shape
+
+
+def test_table1_sweep_writes_its_table_and_curves(tmp_path):
+    result = run_cli(
+        "-m",
+        "experiment=table1_mnist_fcn",
+        "method=bprop,cdni",
+        "model.depth=1,2",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "# Table 1: MNIST, FCN, test error (%)" in report and "4 completed" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| model.depth | bprop | cdni |" and len(rows) == 2 + 2
+    for line in rows[2:]:  # every cell a number, as the runs' own metrics say
+        assert all(float(cell) >= 0 for cell in line.strip("| ").split(" | ")[1:])
+    height, width, _ = _png(tmp_path / "curves.png")
+    assert width > 600 and height > 300
+
+    runs = collect(tmp_path)
+    cdni_depth1 = next(r for r in runs if r.lookup("method") == "cdni" and r.lookup("model.depth") == 1)
+    assert f"{100 * cdni_depth1.metrics['test_error']:.2f}" in rows[2]
+
+
+def test_update_frequency_sweep_plots_error_against_p(tmp_path):
+    result = run_cli(
+        "-m",
+        "experiment=update_frequency",
+        "method.p_update=1.0,0.1",
+        "model.depth=2",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| method.p_update | cdni |" in (tmp_path / "report.md").read_text()
+    _png(tmp_path / "versus.png")
+
+
+def test_report_script_regenerates_and_marks_unfinished_jobs(tmp_path, capsys):
+    result = run_cli("-m", "debug=fast", "method=bprop,dni", "model.depth=1", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    killed = next(r for r in collect(tmp_path) if r.lookup("method") == "dni")
+    (killed.path / "metrics.json").unlink()  # as if the job were killed before it wrote anything
+    main([str(tmp_path), "--rows", "model.depth", "--title", "Again"])
+    printed = capsys.readouterr().out
+    assert "# Again" in printed and "unfinished" in printed and (tmp_path / "curves.png").exists()
+    table = markdown_table(collect(tmp_path), ReportSpec(rows="model.depth"))
+    assert table.splitlines()[0] == "| model.depth | bprop | dni |"
