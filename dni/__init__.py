@@ -4,24 +4,36 @@ from dni.data import ClassificationData, synthetic, vision
 from dni.errors import CheckpointError, ConfigError, DataNotFoundError, Divergence, DNIError
 from dni.guard import Guard
 from dni.interface import DNI
-from dni.methods import Backprop, DecoupledNeuralInterfaces, Method
+from dni.methods import (
+    Backprop,
+    BackwardNetwork,
+    Controlled,
+    DecoupledNeuralInterfaces,
+    DirectFeedbackAlignment,
+    FeedbackAlignment,
+    Method,
+)
 from dni.models import CNN, FCN, BlockNet
 from dni.synthesizers import ConvSynthesizer, LinearSynthesizer, MLPSynthesizer, OracleSynthesizer
 
 __all__ = [
     "DNI",
     "Backprop",
+    "BackwardNetwork",
     "BlockNet",
     "CNN",
     "CheckpointError",
     "ClassificationData",
     "ConfigError",
+    "Controlled",
     "ConvSynthesizer",
     "DNIError",
     "DataNotFoundError",
     "DecoupledNeuralInterfaces",
+    "DirectFeedbackAlignment",
     "Divergence",
     "FCN",
+    "FeedbackAlignment",
     "Guard",
     "LinearSynthesizer",
     "MLPSynthesizer",

@@ -2,6 +2,16 @@
 
 from dni.methods.base import Method
 from dni.methods.bprop import Backprop
+from dni.methods.control import Controlled
 from dni.methods.dni import DecoupledNeuralInterfaces
+from dni.methods.feedback import BackwardNetwork, DirectFeedbackAlignment, FeedbackAlignment
 
-__all__ = ["Method", "Backprop", "DecoupledNeuralInterfaces"]
+__all__ = [
+    "Method",
+    "Backprop",
+    "BackwardNetwork",
+    "Controlled",
+    "DecoupledNeuralInterfaces",
+    "DirectFeedbackAlignment",
+    "FeedbackAlignment",
+]
