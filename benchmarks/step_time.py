@@ -1,0 +1,157 @@
+"""What a learning rule costs: step time relative to backprop, measured in one process.
+
+    python benchmarks/step_time.py                 # FCN-3, batch 256, MNIST (or same-shape noise)
+    python benchmarks/step_time.py --depth 6 --threads 1
+
+Every method is built from the same configs the runner uses, from the same initial
+weights, and stepped on the same batches. Methods are timed in alternation, a few steps
+each per round, so drifts of the machine (other processes, clock changes) hit them all
+alike; the table reports the median per-step time and its ratio to bprop. Then it
+measures the data pipeline's share of a backprop step and the samples per second of the
+default run (`python experiments/train.py`, shortened).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dni.data import synthetic, vision  # noqa: E402
+from experiments.train import run  # noqa: E402
+
+VARIANTS = {  # label -> config overrides
+    "bprop": ["method=bprop"],
+    "dni (linear)": ["method=dni", "synthesizer=linear"],
+    "cdni (linear)": ["method=cdni", "synthesizer=linear"],
+    "dni (mlp)": ["method=dni", "synthesizer=mlp"],
+    "cdni (mlp)": ["method=cdni", "synthesizer=mlp"],
+    "backward_net": ["method=backward_net"],
+    "fa": ["method=fa"],
+    "dfa": ["method=dfa"],
+}
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def load_data():
+    root = os.environ.get("DNI_DATA_ROOT") or REPO.parent / "shared" / "data"
+    try:
+        return vision("mnist", root, download=False)
+    except Exception:  # no MNIST here: noise of the same shape times the same
+        return synthetic(num_train=60000, num_test=1000, shape=(1, 28, 28))
+
+
+def build_methods(data, depth: int, labels: list[str]) -> dict:
+    torch.manual_seed(0)
+    cfg = compose_config(f"model.depth={depth}")
+    model = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
+    methods = {}
+    for label in labels:
+        if not (REPO / "conf" / "method" / f"{VARIANTS[label][0].split('=')[1]}.yaml").exists():
+            continue
+        cfg = compose_config(f"model.depth={depth}", *VARIANTS[label])
+        factory = instantiate(cfg.method)
+        methods[label] = factory(model=copy.deepcopy(model), optimizer=instantiate(cfg.optim))
+    return methods
+
+
+def time_steps(methods: dict, batches: list, rounds: int, per_round: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for method in methods.values():  # warm-up: allocator, Adam state, lazy inits
+        for x, y in batches[:3]:
+            method.step(x, y)
+    for r in range(rounds):
+        order = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate the order too
+        for label in order:
+            started = time.perf_counter()
+            for i in range(per_round):
+                x, y = batches[(r * per_round + i) % len(batches)]
+                methods[label].step(x, y)
+            times[label].append((time.perf_counter() - started) / per_round)
+    return times
+
+
+def data_share(data, batch_size: int, steps: int = 200) -> float:
+    """Share of a backprop step spent fetching its batch (index, gather), as the loop does."""
+    method = build_methods(data, 3, ["bprop"])["bprop"]
+    stream = data.batches(batch_size, seed=0)
+    fetch = train = 0.0
+    for _ in range(steps):
+        began = time.perf_counter()
+        x, y = next(stream)
+        fetched = time.perf_counter()
+        method.step(x, y)
+        ended = time.perf_counter()
+        fetch, train = fetch + fetched - began, train + ended - fetched
+    return fetch / (fetch + train)
+
+
+def default_run_throughput(steps: int) -> dict:
+    cfg = compose_config(f"trainer.steps={steps}", f"trainer.eval_every={steps}", "trainer.progress=false")
+    with tempfile.TemporaryDirectory() as out:
+        return run(cfg, Path(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--methods", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--default-run-steps", type=int, default=1000, help="0 to skip that measurement")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data = load_data()
+    stream = data.batches(args.batch_size, seed=0)
+    batches = [next(stream) for _ in range(50)]
+    methods = build_methods(data, args.depth, args.methods)
+    times = time_steps(methods, batches, args.rounds, args.per_round)
+    base = statistics.median(times["bprop"])
+
+    print(
+        f"\nStep time, FCN with {args.depth} hidden layers of 256, batch {args.batch_size}, "
+        f"{data.name}, {torch.get_num_threads()} threads, device cpu, torch {torch.__version__}"
+    )
+    print(f"median of {args.rounds} rounds x {args.per_round} steps, methods in alternation\n")
+    print("| method | ratio to bprop | ms per step (median) | spread (min-max of rounds) |")
+    print("| --- | --- | --- | --- |")
+    for label, samples in times.items():
+        median = statistics.median(samples)
+        print(
+            f"| {label} | {median / base:.2f} | {1000 * median:.1f} | "
+            f"{1000 * min(samples):.1f}-{1000 * max(samples):.1f} |"
+        )
+
+    share = data_share(data, args.batch_size)
+    print(f"\nData pipeline: {100 * share:.2f}% of a backprop step (FCN-3, batch {args.batch_size})")
+    if args.default_run_steps:
+        result = default_run_throughput(args.default_run_steps)
+        print(
+            f"Default run (bprop, FCN-3, MNIST, batch 256), {args.default_run_steps} steps: "
+            f"{result['samples_per_s']:.0f} samples/s, data share {100 * result['data_time_share']:.2f}%, "
+            f"test error {100 * result['test_error']:.2f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
