@@ -1,0 +1,238 @@
+"""What each stage measures, and how rank 0 turns every stage's reports into the run's record.
+
+At every report step (each `log_every` and `eval_every` step, and the last) a stage sends rank 0
+one float64 vector: the raw measurements of its window (`RAW`), its scalars (`Stage.report_keys`),
+and at evaluation steps its blocks' weights. Rank 0 writes a step once every stage has reported
+it: TensorBoard scalars, `pipeline/stage{k}/...` for where each stage's time went, and the test
+metrics of the model assembled from the stages' weights of that same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dni.distributed.links import Inbox
+from dni.distributed.stage import Stage
+from dni.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# A stage's raw measurements over one report window, in this order.
+RAW = (
+    "wall_s",  # window wall time, less reporting and evaluation
+    "cpu_s",  # CPU time of the stage's main thread in the window (less on a busy machine)
+    "samples",
+    "wait_input_s",  # blocked on the activation from the stage below
+    "wait_target_s",  # blocked on a target from the stage above (the staleness bound)
+    "send_s",  # handing messages to the sender thread (only long when the peer falls behind)
+    "delay_sum",  # staleness of the targets used: newer batches run before each one arrived
+    "delay_count",
+    "delay_max",
+    "skipped_updates",  # by the divergence guard, so far
+)
+
+
+class Clock:
+    """Where a stage's time goes within one report window, and in total."""
+
+    def __init__(self) -> None:
+        self.window = dict.fromkeys(RAW, 0.0)
+        self.total = dict.fromkeys(RAW, 0.0)
+        self.started, self.cpu_started = time.perf_counter(), time.thread_time()
+        self.excluded = 0.0
+
+    @contextmanager
+    def waiting(self, kind: str) -> Iterator[None]:
+        """Time spent in the block counts as `kind` ("wait_input", "wait_target", "send")."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window[f"{kind}_s"] += time.perf_counter() - began
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """Time spent in the block (reporting, evaluation) is not training time."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+    def delay(self, batches: int) -> None:
+        self.window["delay_sum"] += batches
+        self.window["delay_count"] += 1
+        self.window["delay_max"] = max(self.window["delay_max"], batches)
+
+    def close_window(self, skipped: int) -> list[float]:
+        """The window's measurements in `RAW` order; the next window starts now."""
+        now = time.perf_counter()
+        self.window["wall_s"] = now - self.started - self.excluded
+        self.window["cpu_s"] = time.thread_time() - self.cpu_started  # reporting included: small
+        self.window["skipped_updates"] = skipped
+        values = [self.window[k] for k in RAW]
+        accumulate(self.total, dict(zip(RAW, values)))
+        self.window = dict.fromkeys(RAW, 0.0)
+        self.started, self.cpu_started, self.excluded = now, time.thread_time(), 0.0
+        return values
+
+
+def accumulate(total: dict[str, float], window: dict[str, float]) -> None:
+    for key in RAW:
+        if key == "delay_max":
+            total[key] = max(total[key], window[key])
+        elif key == "skipped_updates":
+            total[key] = window[key]  # already a running count
+        else:
+            total[key] += window[key]
+
+
+def shares(raw: dict[str, float]) -> dict[str, float]:
+    """Throughput, the shares of wall time, and staleness, from raw measurements."""
+    wall = max(raw["wall_s"], 1e-9)
+    waits = raw["wait_input_s"] + raw["wait_target_s"] + raw["send_s"]
+    out = {
+        "samples_per_s": raw["samples"] / wall,
+        "compute_share": max(0.0, 1.0 - waits / wall),  # not waiting on a peer
+        "cpu_share": min(1.0, raw["cpu_s"] / wall),  # of which the main thread ran on a core
+        "wait_input_share": raw["wait_input_s"] / wall,
+        "wait_target_share": raw["wait_target_s"] / wall,
+        "send_share": raw["send_s"] / wall,
+    }
+    if raw["delay_count"]:
+        out["staleness_mean"] = raw["delay_sum"] / raw["delay_count"]
+        out["staleness_max"] = raw["delay_max"]
+    return out
+
+
+def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: bool) -> Tensor:
+    """A stage's report: raw measurements, its scalars (NaN when missing), its weights if asked."""
+    values = list(raw)
+    for key in stage.report_keys():
+        value = scalars.get(key)
+        values.append(float(value) if value is not None else math.nan)
+    device = next(stage.method.model.parameters()).device
+    parts = [torch.tensor(values, dtype=torch.float64, device=device)]
+    if weights:
+        parts.append(stage.state_vector())
+    return torch.cat(parts)
+
+
+def report_buffers(stage: Stage, steps: list[int], eval_steps: set[int]) -> Callable[[int], Tensor]:
+    """Allocates the buffer for report i of `stage` (see `encode`)."""
+    device = next(stage.method.model.parameters()).device
+    size = len(RAW) + len(stage.report_keys())
+    sizes = [size + (stage.state_size() if s in eval_steps else 0) for s in steps]
+    return lambda i: torch.empty(sizes[i], dtype=torch.float64, device=device)
+
+
+class Record:
+    """Rank 0's record of the run: TensorBoard events and `metrics.json` in `out_dir`.
+
+    `add` takes rank 0's own reports, `collect` the others' from `inboxes` (stage -> inbox);
+    a step is written once every stage has reported it, in step order.
+    """
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        data: Any,
+        out_dir: Path,
+        steps: list[int],
+        eval_steps: set[int],
+        settings: dict[str, Any],
+        hparams: dict[str, Any] | None,
+        inboxes: dict[int, Inbox],
+    ):
+        self.stages, self.data, self.steps, self.eval_steps = stages, data, steps, eval_steps
+        self.settings, self.inboxes = settings, inboxes
+        method = stages[0].method
+        self.lr = method.optimizers[0].param_groups[0]
+        self.tracker = Tracker(
+            out_dir, {"method": method.name, "model": method.model.name, "dataset": data.name}
+        )
+        if hparams:
+            self.tracker.hparams(hparams)
+        self.eval_model = copy.deepcopy(method.model)  # assembled from the stages' weights of one step
+        self.arrived: dict[int, dict[int, Tensor]] = {}
+        self.written = 0
+        self.totals = [dict.fromkeys(RAW, 0.0) for _ in stages]
+        self.started = time.perf_counter()
+        self.tracker.write_metrics("running", steps=0, total_steps=steps[-1], parallel=settings)
+
+    def add(self, stage: int, step: int, vector: Tensor) -> None:
+        self.arrived.setdefault(step, {})[stage] = vector
+
+    def collect(self, block: bool) -> None:
+        """Take the reports that have arrived and write every step that is complete; with
+        `block`, wait for all of them."""
+        for k, inbox in self.inboxes.items():
+            while inbox.received < len(self.steps) and (vector := inbox.poll()) is not None:
+                self.add(k, self.steps[inbox.received - 1], vector)
+        while self.written < len(self.steps):
+            step = self.steps[self.written]
+            got = self.arrived.setdefault(step, {})
+            if len(got) < len(self.stages):
+                if not block:
+                    return
+                for k, inbox in self.inboxes.items():
+                    if k not in got:
+                        got[k] = inbox.get()  # reports arrive in step order: this is `step`'s
+            self._write(step, self.arrived.pop(step))
+            self.written += 1
+
+    def _write(self, step: int, vectors: dict[int, Tensor]) -> None:
+        scalars: dict[str, float] = {"train/lr": self.lr["lr"]}
+        for k, stage in enumerate(self.stages):
+            vector = vectors[k].cpu()
+            raw = dict(zip(RAW, vector[: len(RAW)].tolist()))
+            accumulate(self.totals[k], raw)
+            keys = stage.report_keys()
+            values = vector[len(RAW) : len(RAW) + len(keys)].tolist()
+            scalars.update({key: v for key, v in zip(keys, values) if not math.isnan(v)})
+            scalars.update({f"pipeline/stage{k}/{key}": v for key, v in shares(raw).items()})
+            if stage.last:  # what leaves the pipeline
+                scalars["train/samples_per_s"] = shares(raw)["samples_per_s"]
+        self.tracker.scalars(scalars, step)
+        if step in self.eval_steps:
+            self._evaluate(step, vectors)
+
+    def _evaluate(self, step: int, vectors: dict[int, Tensor]) -> None:
+        for k, stage in enumerate(self.stages):
+            stage.load_state_vector(vectors[k][len(RAW) + len(stage.report_keys()) :], self.eval_model)
+        results = {f"test/{key}": v for key, v in self.data.evaluate(self.eval_model).items()}
+        self.tracker.scalars(results, step, history=True)
+        total = self.steps[-1]
+        error, loss = 100 * results["test/error"], results["test/loss"]
+        log.info("step %d/%d: test error %.2f%%, test loss %.4f", step, total, error, loss)
+        self.tracker.write_metrics("running", steps=step, total_steps=total, parallel=self.settings)
+
+    def summary(self, status: str, step: int, **extra: Any) -> dict[str, Any]:
+        """Write `metrics.json` with `status` and what the stages measured over the run."""
+        last = self.totals[-1]
+        return self.tracker.write_metrics(
+            status,
+            steps=step,
+            total_steps=self.steps[-1],
+            test_error=self.tracker.last.get("test/error"),
+            test_loss=self.tracker.last.get("test/loss"),
+            wall_time_s=time.perf_counter() - self.started,
+            samples_per_s=last["samples"] / max(last["wall_s"], 1e-9),
+            skipped_updates=int(sum(t["skipped_updates"] for t in self.totals)),
+            parallel=self.settings,
+            stages=[{k: round(v, 4) for k, v in shares(t).items()} for t in self.totals],
+            **extra,
+        )
+
+    def close(self) -> None:
+        self.tracker.close()
