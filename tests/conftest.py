@@ -37,8 +37,12 @@ def mnist():
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Each test starts from the same seed, and leaves torch's thread count as it found it
+    (runs with `threads=1` set it for the whole process)."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 def compose_config(*overrides: str):

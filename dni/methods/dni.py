@@ -82,7 +82,7 @@ class DecoupledNeuralInterfaces(Method):
             m_k = synthesizer(shape=shapes[end - 1], context_dim=self.num_classes if conditioned else 0)
             i_k = None
             if forward_unlock and i > 0:
-                i_k = input_synthesizer(shape=model.input_shape, out_shape=shapes[start - 1])
+                i_k = _input_synthesizer(input_synthesizer, model.input_shape, shapes[start - 1])
             interface = DNI(
                 segment,
                 m_k.to(device),
@@ -191,6 +191,17 @@ class DecoupledNeuralInterfaces(Method):
             for stat, value in compare(self._synthetic(interface, h, labels), truth).items():
                 out[f"sg/{stat}/{interface.name}"] = value
         return out
+
+
+def _input_synthesizer(factory: SynthesizerFactory, shape: tuple, out_shape: tuple) -> Synthesizer:
+    try:
+        return factory(shape=shape, out_shape=out_shape)
+    except ConfigError:
+        raise ConfigError(
+            f"forward unlocking needs an input synthesizer from {shape} to {out_shape}, which this "
+            "one cannot give; for a convolutional model make method.input_synthesizer a "
+            "dni.synthesizers.ConvSynthesizer"
+        ) from None
 
 
 def _segment(blocks: Sequence[nn.Module]) -> nn.Module:
