@@ -40,6 +40,7 @@ from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import ConfigError, Divergence
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.synthesizers import OracleSynthesizer
+from dni.training import Task, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class Pipeline:
     def fit(
         self,
         method: DecoupledNeuralInterfaces,
-        data: Any,
-        trainer: Any,
+        data: Task,
+        trainer: Trainer,
         out_dir: str | os.PathLike,
         *,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
@@ -95,16 +96,17 @@ class Pipeline:
         resume: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
         """Train this rank's stage of `method` on `data` for `trainer`'s budget and schedule
-        (a `dni.training.Trainer`: steps or epochs, batch_size, eval_every, log_every, seed,
-        progress). Every rank must have built `method` from the same seed. Rank 0 writes
+        (steps or epochs, batch_size, eval_every, log_every, seed, progress; checkpoints and
+        diagnostics are not taken). Every rank must have built `method` from the same seed. Rank 0 writes
         into `out_dir` and returns the final metrics; other ranks return their own summary."""
         _check_method(method)
         if resume is not None:
             raise ConfigError("resume is not supported with parallel=pipeline yet; start a fresh run")
-        if trainer.diagnostics_every:
-            log.warning("gradient-fidelity diagnostics need the whole model in one process; off here")
-        log.info("checkpoints and resume are not implemented for parallel=pipeline yet; none are written")
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0:
+            if trainer.diagnostics_every:
+                log.warning("gradient-fidelity diagnostics need the whole model in one process; off here")
+            log.info("checkpoints and resume are not implemented for parallel=pipeline yet; none are written")
         stages = self.stages or world
         if stages != world:
             raise ConfigError(
@@ -172,8 +174,8 @@ class _StageRun:
         self,
         pipeline: Pipeline,
         method: DecoupledNeuralInterfaces,
-        data: Any,
-        trainer: Any,
+        data: Task,
+        trainer: Trainer,
         rank: int,
         world: int,
         boundaries: list[int],
