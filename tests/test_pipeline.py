@@ -23,8 +23,9 @@ from dni.interface import DNI
 from dni.methods import Backprop, DecoupledNeuralInterfaces
 from dni.models import FCN
 from dni.synthesizers import LinearSynthesizer, MLPSynthesizer
+from experiments.train import run
 from tests import pipeline_worker
-from tests.conftest import REPO, data_root, read_scalars
+from tests.conftest import REPO, compose_config, data_root, read_scalars
 
 WORKER = REPO / "tests" / "pipeline_worker.py"
 
@@ -208,6 +209,24 @@ def test_two_gloo_processes_learn_mnist(tmp_path):
 
 
 # -- failure --------------------------------------------------------------------------------
+def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
+    """`parallel=pipeline` in one process (no torchrun): one local stage, same record."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    overrides = [
+        "debug=fast",
+        "method=cdni",
+        "parallel=pipeline",
+        "trainer.progress=false",
+        "device=cpu",
+        "threads=1",
+    ]
+    result = run(compose_config(*overrides), tmp_path)
+    assert result["status"] == "completed" and result["steps"] == 20 and result["test_error"] is not None
+    assert result["parallel"] == {"stages": 1, "boundaries": [], "staleness": 1, "backend": "local"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
 @pytest.mark.parametrize(
     "signal_, expected, bound_s",
     [(signal.SIGKILL, "that rank crashed", 10), (signal.SIGSTOP, "raise parallel.timeout", 3 + 10)],

@@ -56,7 +56,8 @@ class Pipeline:
             followed by an interface. None splits the interfaces so that the stages' compute
             is as even as it can be.
         staleness: how many newer batches a stage may train on before the target of a batch
-            must have arrived; 0 is the synchronous schedule (exactly the single-process step).
+            must have arrived; 0 is the synchronous schedule (exactly the single-process step,
+            unless `p_update < 1`, whose random draws differ between one process and K).
         timeout: seconds any receive or send may wait before the run stops with an error
             naming the stage that went silent.
         backend: "gloo" (CPU), "nccl" (CUDA), or "auto" for whichever fits the device.
