@@ -96,10 +96,10 @@ class DNI(nn.Module):
         if not self.training:
             return self.block(x)
         if update is None:
-            update = self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update)
+            update = self.draw_update()
         h = self.block(x)
         g = self.synthesizer(h.detach(), context)
-        injected = self.scale * g.detach() / h.shape[0]
+        injected = self.injected(g)
         self.stats["norm"] = injected.norm().detach()
         if self.guard.synthetic_gradient(injected, self.name):
             # Only the input needs a gradient when the block skips its update: it carries
@@ -115,6 +115,15 @@ class DNI(nn.Module):
         out = h.detach().requires_grad_()
         out.register_hook(lambda delta: self._regress(g, delta))
         return out
+
+    def draw_update(self) -> bool:
+        """Whether the block applies its update this step: always, or with probability
+        `p_update` (the paper's random asynchronous updates)."""
+        return self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update)
+
+    def injected(self, prediction: Tensor) -> Tensor:
+        """The gradient injected at `h` for a prediction of `B * dL/dh`: scaled, divided by B."""
+        return self.scale * prediction.detach() / prediction.shape[0]
 
     def _regress(self, prediction: Tensor, delta: Tensor) -> None:
         """Regress `M_k` towards the arriving gradient `delta = dL/dh` (scaled by B)."""
@@ -147,10 +156,9 @@ class DNI(nn.Module):
         if self.input_synthesizer is None:
             raise RuntimeError(f"{self.name} has no input synthesizer; set method.forward_unlock=true")
         predicted = self.input_synthesizer(network_input)
-        if self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update):
+        if self.draw_update():
             h = forward_without_stat_updates(self.block, predicted.detach())
-            g = forward_without_stat_updates(self.synthesizer, h.detach(), context)
-            injected = self.scale * g.detach() / h.shape[0]
+            injected = self.injected(forward_without_stat_updates(self.synthesizer, h.detach(), context))
             if self.guard.synthetic_gradient(injected, self.name):
                 self.optimizer.zero_grad(set_to_none=True)
                 h.backward(injected)

@@ -158,8 +158,8 @@ class DecoupledNeuralInterfaces(Method):
     # -- measurements -------------------------------------------------------------------
     def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
         """The gradient the interface would inject at activation `h` (batch-mean scale)."""
-        g = forward_without_stat_updates(interface.synthesizer, h.detach(), self.context(interface, labels))
-        return interface.scale * g.detach() / h.shape[0]
+        context = self.context(interface, labels)
+        return interface.injected(forward_without_stat_updates(interface.synthesizer, h.detach(), context))
 
     def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         labels = one_hot(y, self.num_classes, like=x)
