@@ -30,6 +30,16 @@ from tests.conftest import REPO, compose_config, data_root, read_scalars
 WORKER = REPO / "tests" / "pipeline_worker.py"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as in every rank: matrix products then sum in the same order, and
+    a busy machine does not stall a parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,13 +87,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def single_process(settings: dict, out: Path) -> dict[str, list[tuple[int, float]]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in every rank, so matrix products sum in the same order
-    try:
-        method, data, trainer = pipeline_worker.build(settings)
-        trainer.fit(method, data, out)
-    finally:
-        torch.set_num_threads(threads)
+    method, data, trainer = pipeline_worker.build(settings)
+    trainer.fit(method, data, out)
     return scalars(out)
 
 
@@ -151,7 +156,6 @@ def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch):
     settings = {"steps": 20, "mlp": True}
     reference = single_process(settings, tmp_path / "single")
     method, data, trainer = pipeline_worker.build(settings)
-    torch.set_num_threads(1)
     result = Pipeline(stages=1).fit(method, data, trainer, tmp_path / "pipeline")
     assert result["status"] == "completed" and result["parallel"]["stages"] == 1
     assert scalars(tmp_path / "pipeline") == reference and len(reference["train/loss"]) == 20
