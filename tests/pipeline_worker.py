@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -51,8 +52,28 @@ def build(settings: dict) -> tuple[DecoupledNeuralInterfaces, object, Trainer]:
     return method, data, trainer
 
 
+def fail_after(step: int) -> None:
+    """Fault injection: this rank raises right after its stage has run batch `step`, while the
+    messages of that batch are still in flight to live peers."""
+    from dni.distributed.stage import Stage
+
+    run, done = Stage.run, [0]
+
+    def failing(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        done[0] += 1
+        if done[0] == step:
+            raise RuntimeError(f"injected failure after batch {step}")
+        return out
+
+    Stage.run = failing
+
+
 def main(settings: dict) -> None:
     from dni.distributed import Pipeline
+
+    if settings.get("fail_rank") == int(os.environ.get("RANK", "0")):
+        fail_after(settings["fail_at"])
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(1)

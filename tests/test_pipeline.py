@@ -184,6 +184,24 @@ def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
 
 
 # -- learning, through the runner -----------------------------------------------------------
+def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
+    """`parallel=pipeline` in one process (no torchrun): one local stage, same record."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    overrides = [
+        "debug=fast",
+        "method=cdni",
+        "parallel=pipeline",
+        "trainer.progress=false",
+        "device=cpu",
+        "threads=1",
+    ]
+    result = run(compose_config(*overrides), tmp_path)
+    assert result["status"] == "completed" and result["steps"] == 20 and result["test_error"] is not None
+    assert result["parallel"] == {"stages": 1, "boundaries": [], "staleness": 1, "backend": "local"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_learn_mnist(tmp_path):
     """torchrun, 2 stages (block 1 | blocks 2-3 and the head), cDNI with the default staleness
@@ -213,52 +231,47 @@ def test_two_gloo_processes_learn_mnist(tmp_path):
 
 
 # -- failure --------------------------------------------------------------------------------
-def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
-    """`parallel=pipeline` in one process (no torchrun): one local stage, same record."""
-    for key in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    overrides = [
-        "debug=fast",
-        "method=cdni",
-        "parallel=pipeline",
-        "trainer.progress=false",
-        "device=cpu",
-        "threads=1",
-    ]
-    result = run(compose_config(*overrides), tmp_path)
-    assert result["status"] == "completed" and result["steps"] == 20 and result["test_error"] is not None
-    assert result["parallel"] == {"stages": 1, "boundaries": [], "staleness": 1, "backend": "local"}
-    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
-
-
 @pytest.mark.parametrize(
-    "signal_, expected, bound_s",
-    [(signal.SIGKILL, "that rank crashed", 10), (signal.SIGSTOP, "raise parallel.timeout", 3 + 10)],
-    ids=["killed", "stalled"],
+    "how, expected, bound_s",
+    [
+        ("killed", "that rank crashed", 10),
+        ("stalled", "raise parallel.timeout", 3 + 10),
+        ("failed", "that rank crashed", 10),
+    ],
+    ids=["killed", "stalled", "failed"],
 )
-def test_a_lost_rank_stops_the_job_with_a_clear_error(signal_, expected, bound_s, tmp_path):
-    """Rank 1 is killed (or frozen) mid-run: rank 0 must stop with an error naming rank 1,
-    at once for a closed connection, after `timeout` (3 s here) for silence; never hang."""
+def test_a_lost_rank_stops_the_job_with_a_clear_error(how, expected, bound_s, tmp_path):
+    """Rank 1 is killed, frozen, or stops on an error of its own mid-run: rank 0 must stop with
+    status 1 and an error naming rank 1, at once for a closed connection, after `timeout` (3 s
+    here) for silence; never hang. A rank that fails by itself while its messages are in
+    flight must leave with status 1 too, not abort (SIGABRT) in the interpreter's teardown."""
     settings = {"steps": 10**6, "timeout": 3, "out": str(tmp_path / "run"), "eval_every": 10**6}
+    if how == "failed":
+        settings.update(fail_rank=1, fail_at=5)
     logs = tmp_path / "logs"
     procs = spawn(2, settings, logs)
     try:
         deadline = time.monotonic() + 90
-        while not all("stage" in (logs / f"{r}.log").read_text() for r in (0, 1)):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "ranks did not start"
-            time.sleep(0.1)
-        time.sleep(1.0)  # well into training
-        os.kill(procs[1].pid, signal_)
+        if how == "failed":
+            procs[1].wait(timeout=90)
+        else:
+            while not all("stage" in (logs / f"{r}.log").read_text() for r in (0, 1)):
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no start"
+                time.sleep(0.1)
+            time.sleep(1.0)  # well into training
+            os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         lost_at = time.monotonic()
         code = procs[0].wait(timeout=bound_s + 30)
         elapsed = time.monotonic() - lost_at
     finally:
-        if signal_ == signal.SIGSTOP:
+        if how == "stalled":
             os.kill(procs[1].pid, signal.SIGCONT)
         stop(procs)
     error = (logs / "0.log").read_text()
-    assert code != 0 and "PipelineError" in error and "rank 1" in error, error[-2000:]
+    assert code == 1 and "PipelineError" in error and "rank 1" in error, error[-2000:]
     assert expected in error, error[-2000:]
     assert elapsed < bound_s, f"rank 0 needed {elapsed:.1f} s to give up"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "rank 1" in metrics["error"]
+    if how == "failed":  # the rank that failed says why, and leaves cleanly too
+        assert procs[1].returncode == 1 and "injected failure" in (logs / "1.log").read_text()

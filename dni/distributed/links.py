@@ -15,10 +15,15 @@ and the fix.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import queue
 import re
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +41,30 @@ _GRACE_S = 5.0
 
 class PipelineError(DNIError):
     """A pipeline stage lost a peer: it crashed, stalled, or the network failed."""
+
+
+# Threads that may sit in a blocking gloo or NCCL call, and whether this process's run failed.
+_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_failed = False
+
+
+def mark_failed() -> None:
+    """This process's pipeline run failed: at exit, leave at once (see `_leave_at_once`)."""
+    global _failed
+    _failed = True
+
+
+@atexit.register
+def _leave_at_once() -> None:
+    """After a failure, a communication thread may still be blocked in C++ waiting for a peer
+    that is alive; should its call return while the interpreter is finalizing, the thread is
+    unwound through C++ frames and the process aborts (SIGABRT, "terminate called without an
+    active exception"). Leave with status 1 instead, once logs and streams are flushed."""
+    if _failed and any(t.is_alive() for t in list(_threads)):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def finish(work: dist.Work, timeout: float, nccl: bool) -> None:
@@ -101,6 +130,7 @@ class Inbox:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._receive_all, name=f"from-{link.peer}", daemon=True)
         self._thread.start()
+        _threads.add(self._thread)
 
     def _receive_all(self) -> None:
         link = self.link
@@ -152,6 +182,7 @@ class Outbox:
         self._failure: tuple[int, BaseException] | None = None
         self._thread = threading.Thread(target=self._send_all, name=f"to-{link.peer}", daemon=True)
         self._thread.start()
+        _threads.add(self._thread)
 
     def send(self, tensor: Tensor) -> None:
         """Queue `tensor` for sending; it must not be changed afterwards."""

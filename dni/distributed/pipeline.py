@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dni.distributed.links import Inbox, Link, Outbox, pair_groups
+from dni.distributed.links import Inbox, Link, Outbox, mark_failed, pair_groups
 from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import ConfigError, Divergence
@@ -126,8 +126,12 @@ class Pipeline:
         )
         if world > 1:
             out_dir = _agree_on_folder(Path(out_dir), rank)
-        run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
-        result = run.train(Path(out_dir), scheduler, hparams)
+        try:
+            run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
+            result = run.train(Path(out_dir), scheduler, hparams)
+        except BaseException:
+            mark_failed()  # its links may still be blocked on live peers: see `links._leave_at_once`
+            raise
         if owns_group:  # only after success: a failed rank exits and its peers see it at once
             dist.barrier()
             dist.destroy_process_group()
