@@ -194,16 +194,19 @@ def main() -> None:
         return max((run() for _ in range(args.repeats)), key=lambda r: r["samples_per_s"])
 
     def single(rule: str, k: int) -> float:
-        return best(lambda: launch("single", {**cfg, "rule": rule, "threads": k}, threads=k)[0])[
-            "samples_per_s"
-        ]
+        measured = best(lambda: launch("single", {**cfg, "rule": rule, "threads": k}, threads=k)[0])
+        return measured["samples_per_s"]
 
-    base = best(lambda: pipeline_run(cfg, 1))["samples_per_s"]
+    def on_cpu(run: dict) -> float:
+        return sum(s["cpu_share"] for s in run["stages"]) / len(run["stages"])
+
+    one = best(lambda: pipeline_run(cfg, 1))
+    base, base_cpu = one["samples_per_s"], on_cpu(one)
     bprop_base = single("bprop", 1)
     rows, breakdown = [], []
     for k in args.stages:
         bprop, dni = single("bprop", k), single("dni", k)
-        piped = best(lambda k=k: pipeline_run(cfg, k)) if k > 1 else {"samples_per_s": base, "stages": []}
+        piped = best(lambda k=k: pipeline_run(cfg, k)) if k > 1 else one
         rate = piped["samples_per_s"]
         rows.append(
             (k, f"{bprop:.0f}", f"{dni:.0f}", f"{rate:.0f}", f"{rate / dni:.2f}", f"{rate / (k * base):.2f}")
@@ -212,24 +215,17 @@ def main() -> None:
             keys = ("compute_share", "cpu_share", "wait_input_share", "wait_target_share", "send_share")
             shares = [f"{100 * stage[key]:.0f}%" for key in keys]
             breakdown.append((k, s, f"{stage['samples_per_s']:.0f}", *shares))
-    header = (
-        "K",
-        "backprop 1 proc x K thr",
-        "DNI 1 proc x K thr",
-        "DNI K proc x 1 thr",
-        "vs DNI 1 proc",
-        "efficiency",
+    header = ("K", "backprop 1 proc x K thr", "DNI 1 proc x K thr", "DNI K proc x 1 thr", "vs DNI 1 proc")
+    header += ("efficiency",)
+    print(
+        f"samples/s with 1 process, 1 thread: DNI (1 stage) {base:.0f} (on CPU {100 * base_cpu:.0f}% of "
+        f"the time), backprop {bprop_base:.0f}\n"
     )
-    print(f"samples/s with 1 process, 1 thread: DNI (1 stage) {base:.0f}, backprop {bprop_base:.0f}\n")
     print(table(rows, header))
-    if breakdown:
-        print("\nwhere each stage's time goes (shares of its wall time)\n")
-        print(
-            table(
-                breakdown,
-                ("K", "stage", "samples/s", "compute", "on CPU", "wait input", "wait target", "send"),
-            )
-        )
+    print("\nwhere each stage's time goes (shares of its wall time; 'on CPU' well below 'compute'")
+    print("means other jobs held the cores: re-run on a quiet machine)\n")
+    columns = ("K", "stage", "samples/s", "compute", "on CPU", "wait input", "wait target", "send")
+    print(table(breakdown, columns))
 
 
 if __name__ == "__main__":

@@ -39,11 +39,6 @@ class Stage:
         self.first, self.last = index == 0, index == self.count - 1
         self.head = method.head if self.last else None
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The model's blocks this stage trains (shared with `method.model`)."""
-        return self.method.model.blocks[self.start : self.end]
-
     def optimizers(self) -> list[torch.optim.Optimizer]:
         found = [self.method.head_optimizer] if self.last else []
         for i in self.interfaces:
