@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dni.distributed import Pipeline, balanced_boundaries
+from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
 from dni.errors import ConfigError
 from dni.interface import DNI
@@ -118,6 +119,12 @@ def test_settings_that_cannot_work_stop_with_one_sentence(tmp_path, monkeypatch)
         Pipeline().fit(Backprop(method.model, torch.optim.Adam), data, trainer, tmp_path)
     with pytest.raises(ConfigError, match="parallel.staleness"):
         Pipeline(staleness=-1)
+    # Ranks started with different overrides would train on mismatched labels: refused.
+    same = {"budget": (100, 32, 0), "activations": [(64,), (10,)]}
+    assert disagreement([same, dict(same), dict(same)]) is None
+    assert disagreement([same, same, {**same, "budget": (100, 32, 1)}]) == (
+        "rank 2 differs from rank 0 in budget; launch every rank with the same command, overrides and data"
+    )
 
 
 # -- equivalence to one process -------------------------------------------------------------

@@ -125,6 +125,7 @@ class Pipeline:
             else balanced_boundaries(method, stages)
         )
         if world > 1:
+            _check_agreement(_fingerprint(method, data, trainer, boundaries, self.staleness))
             out_dir = _agree_on_folder(Path(out_dir), rank)
         try:
             run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
@@ -158,6 +159,42 @@ def _check_method(method: Any) -> None:
             "the oracle synthesizer needs the whole network in one process; use synthesizer=linear "
             "(or mlp, conv) with parallel=pipeline"
         )
+
+
+def _fingerprint(
+    method: DecoupledNeuralInterfaces, data: Task, trainer: Trainer, boundaries: list[int], staleness: int
+) -> dict[str, Any]:
+    """What every rank must agree on: the ranks exchange no labels, inputs or shapes."""
+    _, y = next(data.batches(trainer.batch_size, trainer.seed))
+    return {
+        "data": (data.name, data.num_train),
+        "first labels": y[:16].tolist(),
+        "budget": (trainer.total_steps(data.num_train), trainer.batch_size, trainer.seed),
+        "schedule": (trainer.log_every, trainer.eval_every, staleness),
+        "activations": method.model.activation_shapes(),
+        "parameters": sum(p.numel() for p in method.parts.parameters()),
+        "boundaries": boundaries,
+    }
+
+
+def _check_agreement(mine: dict[str, Any]) -> None:
+    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    problem = disagreement(everyone)
+    if problem:
+        raise ConfigError(problem)
+
+
+def disagreement(fingerprints: list[dict[str, Any]]) -> str | None:
+    """A sentence naming the first rank whose settings differ from rank 0's, or None."""
+    for rank, other in enumerate(fingerprints):
+        differ = sorted(k for k in fingerprints[0] if other.get(k) != fingerprints[0][k])
+        if differ:
+            return (
+                f"rank {rank} differs from rank 0 in {', '.join(differ)}; launch every rank with the "
+                "same command, overrides and data"
+            )
+    return None
 
 
 def _agree_on_folder(out_dir: Path, rank: int) -> Path:
@@ -324,9 +361,21 @@ class _StageRun:
             bar.close()
             if self.record is not None:
                 self.record.close()
+        mine = shares(clock.total)
+        log.info(
+            "stage %d: %.0f samples/s; computing %.0f%%, waiting for input %.0f%%, for targets %.0f%%, "
+            "sending %.0f%%; targets %.2f batches late on average",
+            self.rank,
+            mine["samples_per_s"],
+            *(
+                100 * mine[k]
+                for k in ("compute_share", "wait_input_share", "wait_target_share", "send_share")
+            ),
+            mine.get("staleness_mean", 0.0),
+        )
         if self.record is not None:
             return self.record.summary("completed", step)
-        return {"status": "completed", "steps": step, "test_error": None, **shares(clock.total)}
+        return {"status": "completed", "steps": step, "test_error": None, **mine}
 
     def _target_sender(self, h: Tensor) -> Callable[[Tensor | None], None] | None:
         if self.targets_out is None:
