@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `experiments.*`
 
+from dni.data import ClassificationData  # noqa: E402
 from dni.errors import ConfigError, Divergence, DNIError  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
@@ -114,6 +115,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
     data = build(cfg.dataset).to(device)
     model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    if not getattr(model, "recurrent", False) and not isinstance(data, ClassificationData):
+        raise ConfigError(
+            f"model={model.name} learns from labelled examples (as bprop, dni and cdni need), but "
+            f"dataset={data.name} is a sequence task; use model=lstm with method=bptt, rnn_dni or dni_aux"
+        )
     twin = copy.deepcopy(model) if cfg.control else None
     optimizer = build(cfg.optim)
     guard = build(cfg.guard)

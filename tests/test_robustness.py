@@ -169,6 +169,12 @@ BAD_INPUTS = {
     ),
     "unknown guard action": (["guard.action=ignore"], "guard.action='ignore' is unknown"),
     "steps < 1": (["trainer.steps=0"], "trainer.steps=0 is not allowed"),
+    "cDNI without labels": (["dataset=copy", "method=cdni"], "dataset=copy is a sequence task"),
+    "cDNI on a recurrent core": (["dataset=copy", "model=lstm", "method=cdni"], "model=lstm is a recurrent"),
+    "truncation T < 1": (
+        ["dataset=copy", "model=lstm", "method=bptt", "method.truncation=0"],
+        "method.truncation=0 is not allowed",
+    ),
 }
 
 

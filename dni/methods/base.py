@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dni.errors import ConfigError
 from dni.fidelity import compare
 from dni.functional import forward_without_stat_updates
 from dni.guard import Guard
@@ -22,12 +23,19 @@ class Method:
     Subclasses set `name`, build their optimisers into `self.optimizers`, put any module
     of their own (synthesizers, feedback weights) in `self.parts`, and implement `step`.
     `parameter_gradients` is the update direction the rule would take at the current
-    parameters; the default is autograd's, which is right for backprop.
+    parameters; the default is autograd's, which is right for backprop. `recurrent` says
+    whether the rule trains a recurrent core (`dni.recurrent`) or a feed-forward `BlockNet`.
     """
 
     name = "method"
+    recurrent = False
 
     def __init__(self, model: BlockNet, loss: str = "cross_entropy", guard: Guard | None = None):
+        if getattr(model, "recurrent", False) and not self.recurrent:
+            raise ConfigError(
+                f"this method trains feed-forward networks (model=fcn or cnn), but model={model.name} is "
+                "a recurrent core; use method=bptt, rnn_dni or dni_aux with it"
+            )
         self.model = model
         self.loss = get_loss(loss)
         self.guard = guard or Guard()
