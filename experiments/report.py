@@ -17,7 +17,7 @@ import argparse
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -195,9 +195,11 @@ def plot_curves(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
         return None
     axes[0][0].set_ylabel(spec.label)
     if spec.lower_is_better:  # errors shrink by orders of magnitude; keep plain tick labels
-        axes[0][0].set_yscale("log")
-        axes[0][0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axes[0][0].yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        axis = axes[0][0]
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0][-1].legend(title=spec.columns)
     fig.suptitle(spec.title)
     fig.tight_layout()
@@ -258,15 +260,12 @@ def make_report(sweep_dir: str | Path, spec: ReportSpec | None = None) -> Path:
         )
         if f is not None
     ]
-    statuses = defaultdict(int)
-    for run in runs:
-        statuses[run.status] += 1
+    statuses = Counter(run.status for run in runs)
+    jobs = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     lines = [
         f"# {spec.title}",
         "",
-        f"{spec.value} x{spec.scale:g} ({len(runs)} jobs: "
-        + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-        + ")",
+        f"Cells: {spec.label} ({spec.value}); {len(runs)} jobs: {jobs}.",
         "",
         table,
         "",
