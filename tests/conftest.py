@@ -14,6 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# The tests' networks are small: one intra-op thread is as fast as several on an idle
+# machine and far faster on a busy one, where threads of parallel processes thrash.
+THREADS = "1"
+torch.set_num_threads(int(THREADS))
 
 
 def data_root() -> Path:
@@ -54,7 +58,13 @@ def compose_config(*overrides: str):
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python experiments/train.py <args>` in a subprocess, with the data root set."""
-    full_env = {**os.environ, "DNI_DATA_ROOT": str(data_root()), "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "DNI_DATA_ROOT": str(data_root()),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": THREADS,
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, str(REPO / "experiments" / "train.py"), *args],
         cwd=REPO,

@@ -18,7 +18,7 @@ from dni.errors import DNIError
 from dni.tracking import read_metrics
 from experiments.report import ReportSpec, collect, markdown_table
 from experiments.train import run
-from tests.conftest import REPO, compose_config, data_root, read_scalars, run_cli
+from tests.conftest import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
 
 # A run long enough to be killed in the middle: ~300 steps of the default FCN on synthetic data.
 RESUMABLE = [
@@ -49,7 +49,7 @@ def _final_state(run_dir: Path) -> dict:
 
 def _kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
     """Start a run and SIGKILL it as soon as its checkpoint of `step` is on disk."""
-    env = {**os.environ, "DNI_DATA_ROOT": str(data_root())}
+    env = {**os.environ, "DNI_DATA_ROOT": str(data_root()), "OMP_NUM_THREADS": THREADS}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "experiments" / "train.py"), *args, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
