@@ -12,8 +12,10 @@ from dni.methods import (
     DirectFeedbackAlignment,
     FeedbackAlignment,
     Method,
+    RecurrentDNI,
 )
 from dni.models import CNN, FCN, BlockNet
+from dni.recurrent import LSTMNet
 from dni.synthesizers import ConvSynthesizer, LinearSynthesizer, MLPSynthesizer, OracleSynthesizer
 
 __all__ = [
@@ -35,10 +37,12 @@ __all__ = [
     "FCN",
     "FeedbackAlignment",
     "Guard",
+    "LSTMNet",
     "LinearSynthesizer",
     "MLPSynthesizer",
     "Method",
     "OracleSynthesizer",
+    "RecurrentDNI",
     "synthetic",
     "vision",
 ]

@@ -5,6 +5,7 @@ from dni.methods.bprop import Backprop
 from dni.methods.control import Controlled
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.methods.feedback import BackwardNetwork, DirectFeedbackAlignment, FeedbackAlignment
+from dni.methods.recurrent import RecurrentDNI
 
 __all__ = [
     "Method",
@@ -14,4 +15,5 @@ __all__ = [
     "DecoupledNeuralInterfaces",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",
+    "RecurrentDNI",
 ]
