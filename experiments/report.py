@@ -233,9 +233,12 @@ def plot_versus(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
         return None
     if spec.log_x:
         axis.set_xscale("log")
+    axis.set_xticks(sorted({x for line in axis.get_lines() for x in line.get_xdata()}))
+    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel(spec.versus)
     axis.set_ylabel(spec.label)
-    axis.set_title(spec.title)
+    axis.set_title(spec.title, fontsize=10, wrap=True)
     axis.grid(alpha=0.3)
     axis.legend(title=spec.columns)
     fig.tight_layout()
