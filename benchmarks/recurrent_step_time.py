@@ -15,25 +15,19 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.timing import compose_config, print_ratio_table, time_steps  # noqa: E402
+
 METHODS = ("bptt", "rnn_dni", "dni_aux")
 EXPERIMENTS = {"copy": "copy_lstm", "text": "shakespeare_lstm"}
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def setting(task: str, truncation: int, copy_length: int) -> tuple[dict, list, str]:
@@ -56,21 +50,6 @@ def setting(task: str, truncation: int, copy_length: int) -> tuple[dict, list, s
     return methods, batches, f"{data.name} ({shape}), T={truncation}"
 
 
-def time_steps(methods: dict, batches: list, rounds: int, per_round: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for method in methods.values():  # warm-up: allocator, Adam state
-        for x, y in batches[:3]:
-            method.step(x, y)
-    for r in range(rounds):
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))
-        for name in order:
-            started = time.perf_counter()
-            for i in range(per_round):
-                methods[name].step(*batches[(r * per_round + i) % len(batches)])
-            times[name].append((time.perf_counter() - started) / per_round)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="*", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
@@ -89,16 +68,8 @@ def main() -> None:
     for task in args.tasks:
         methods, batches, title = setting(task, args.truncation, args.copy_length)
         times = time_steps(methods, batches, args.rounds, args.per_round)
-        base = statistics.median(times["bptt"])
         print(f"\n{title}\n")
-        print("| method | ratio to bptt | ms per step (median) | spread (min-max of rounds) |")
-        print("| --- | --- | --- | --- |")
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            print(
-                f"| {methods[name].name} | {median / base:.2f} | {1000 * median:.1f} | "
-                f"{1000 * min(samples):.1f}-{1000 * max(samples):.1f} |"
-            )
+        print_ratio_table(times, "bptt", {name: m.name for name, m in methods.items()})
 
 
 if __name__ == "__main__":

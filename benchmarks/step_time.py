@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.timing import compose_config, print_ratio_table, time_steps  # noqa: E402
 from dni.data import synthetic, vision  # noqa: E402
 from experiments.train import run  # noqa: E402
 
@@ -42,11 +41,6 @@ VARIANTS = {  # label -> config overrides
     "fa": ["method=fa"],
     "dfa": ["method=dfa"],
 }
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def load_data():
@@ -69,22 +63,6 @@ def build_methods(data, depth: int, labels: list[str]) -> dict:
         factory = instantiate(cfg.method)
         methods[label] = factory(model=copy.deepcopy(model), optimizer=instantiate(cfg.optim))
     return methods
-
-
-def time_steps(methods: dict, batches: list, rounds: int, per_round: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {label: [] for label in methods}
-    for method in methods.values():  # warm-up: allocator, Adam state, lazy inits
-        for x, y in batches[:3]:
-            method.step(x, y)
-    for r in range(rounds):
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate the order too
-        for label in order:
-            started = time.perf_counter()
-            for i in range(per_round):
-                x, y = batches[(r * per_round + i) % len(batches)]
-                methods[label].step(x, y)
-            times[label].append((time.perf_counter() - started) / per_round)
-    return times
 
 
 def data_share(data, batch_size: int, steps: int = 200) -> float:
@@ -126,21 +104,13 @@ def main() -> None:
     batches = [next(stream) for _ in range(50)]
     methods = build_methods(data, args.depth, args.methods)
     times = time_steps(methods, batches, args.rounds, args.per_round)
-    base = statistics.median(times["bprop"])
 
     print(
         f"\nStep time, FCN with {args.depth} hidden layers of 256, batch {args.batch_size}, "
         f"{data.name}, {torch.get_num_threads()} threads, device cpu, torch {torch.__version__}"
     )
     print(f"median of {args.rounds} rounds x {args.per_round} steps, methods in alternation\n")
-    print("| method | ratio to bprop | ms per step (median) | spread (min-max of rounds) |")
-    print("| --- | --- | --- | --- |")
-    for label, samples in times.items():
-        median = statistics.median(samples)
-        print(
-            f"| {label} | {median / base:.2f} | {1000 * median:.1f} | "
-            f"{1000 * min(samples):.1f}-{1000 * max(samples):.1f} |"
-        )
+    print_ratio_table(times, "bprop")
 
     share = data_share(data, args.batch_size)
     print(f"\nData pipeline: {100 * share:.2f}% of a backprop step (FCN-3, batch {args.batch_size})")

@@ -31,14 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these small nets on a shared machine; undone after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def adam(params):
     return torch.optim.Adam(params, lr=1e-3)

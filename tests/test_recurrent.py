@@ -22,14 +22,6 @@ SGD = partial(torch.optim.SGD, lr=0.1)
 ADAM = partial(torch.optim.Adam, lr=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small recurrent models step fastest on one thread (a second one only adds waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sequence(n: int = 3, batch: int = 5, hidden: int = 6, dtype=torch.float64):
     """A copy-task batch (length 2n + 1) and a small LSTM, in double precision."""

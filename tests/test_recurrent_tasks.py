@@ -14,15 +14,6 @@ from dni.tasks import copy, repeat_copy, text
 from tests.conftest import data_root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small recurrent models step fastest on one thread (a second one only adds waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recaller(nn.Module):
     """A perfect copier that cheats: it reads the answer from the input it was given."""
 
