@@ -48,7 +48,7 @@ class ReportSpec:
 
     title: str = "Results"
     rows: str = "model.depth"
-    columns: str = "method"
+    columns: str = "method"  # one key, or several joined by commas: "method,synthesizer"
     value: str = "test_error"
     scale: float = 100.0  # e.g. 100 for an error rate in percent
     label: str = "test error (%)"  # what the scaled value is, for axes
@@ -81,7 +81,11 @@ class Run:
     def lookup(self, key: str) -> Any:
         """A `metrics.json` field (also dotted into it, e.g. "final.test/level"), else a config
         group's choice (e.g. "method"), else a dotted key of the config (e.g. "model.depth");
-        None when absent or not a single value."""
+        None when absent or not a single value. Several keys joined by commas give their
+        values joined by " / " (e.g. "cdni / mlp")."""
+        if "," in key:
+            values = [self.lookup(part.strip()) for part in key.split(",")]
+            return None if all(v is None for v in values) else " / ".join(str(v) for v in values)
         if self.metrics and key in self.metrics:
             return self.metrics[key]
         head, _, rest = key.partition(".")  # e.g. "final.test/level": a metric's last logged value
@@ -156,8 +160,18 @@ def markdown_table(runs: list[Run], spec: ReportSpec) -> str:
     return "\n".join(lines)
 
 
-def _color(name: Any, fallback: int) -> str:
-    return COLORS.get(str(name), f"C{fallback % 10}")
+def _styles(columns: list[Any]) -> dict[Any, dict[str, str]]:
+    """Colour and dash of each column's line: the colour follows the learning rule (the first
+    part of a joined column, as in every figure), the dash the rest ("cdni / mlp")."""
+    rests = list(dict.fromkeys(str(c).partition(" / ")[2] for c in columns))
+    dashes = ["-", "--", ":", "-."]
+    return {
+        c: {
+            "color": COLORS.get(str(c).partition(" / ")[0], f"C{i % 10}"),
+            "linestyle": dashes[rests.index(str(c).partition(" / ")[2]) % len(dashes)],
+        }
+        for i, c in enumerate(columns)
+    }
 
 
 def plot_curves(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
@@ -169,10 +183,11 @@ def plot_curves(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
 
     rows = sorted({run.lookup(spec.rows) for run in runs}, key=_sort_key)
     columns = _columns(runs, spec)
+    styles = _styles(columns)
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False, sharey=True)
     drawn = False
     for axis, row in zip(axes[0], rows):
-        for i, column in enumerate(columns):
+        for column in columns:
             mine = [r for r in runs if r.lookup(spec.rows) == row and r.lookup(spec.columns) == column]
             for j, run in enumerate(mine):
                 points = ((run.metrics or {}).get("history") or {}).get(spec.curves) or []
@@ -182,7 +197,7 @@ def plot_curves(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
                 axis.plot(
                     steps,
                     [v * spec.scale for v in values],
-                    color=_color(column, i),
+                    **styles[column],
                     label=str(column) if j == 0 else None,
                     alpha=0.9 if j == 0 else 0.5,
                 )
@@ -217,7 +232,9 @@ def plot_versus(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
 
     fig, axis = plt.subplots(figsize=(5, 3.8))
     drawn = False
-    for i, column in enumerate(_columns(runs, spec)):
+    columns = _columns(runs, spec)
+    styles = _styles(columns)
+    for column in columns:
         points: dict[Any, list[float]] = defaultdict(list)
         for run in runs:
             value = run.lookup(spec.value)
@@ -226,7 +243,7 @@ def plot_versus(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
         if points:
             xs = sorted(points, key=_sort_key)
             means = [statistics.fmean(points[x]) for x in xs]
-            axis.plot(xs, means, "o-", color=_color(column, i), label=str(column))
+            axis.plot(xs, means, marker="o", **styles[column], label=str(column))
             drawn = True
     if not drawn:
         plt.close(fig)

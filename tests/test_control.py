@@ -31,7 +31,6 @@ TINY = [
 ]
 
 
-
 def adam(params):
     return torch.optim.Adam(params, lr=1e-3)
 

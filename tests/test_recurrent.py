@@ -22,7 +22,6 @@ SGD = partial(torch.optim.SGD, lr=0.1)
 ADAM = partial(torch.optim.Adam, lr=1e-3)
 
 
-
 def sequence(n: int = 3, batch: int = 5, hidden: int = 6, dtype=torch.float64):
     """A copy-task batch (length 2n + 1) and a small LSTM, in double precision."""
     task = copy_task(bits=4)

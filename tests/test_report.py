@@ -72,3 +72,21 @@ def test_report_script_regenerates_and_marks_unfinished_jobs(tmp_path, capsys):
     assert "# Again" in printed and "unfinished" in printed and (tmp_path / "curves.png").exists()
     table = markdown_table(collect(tmp_path), ReportSpec(rows="model.depth"))
     assert table.splitlines()[0] == "| model.depth | bprop | dni |"
+
+
+def test_columns_of_several_keys_join_their_values(tmp_path):
+    result = run_cli(
+        "-m",
+        "experiment=synthesizers",
+        "method=bprop,cdni",
+        "synthesizer=linear,mlp",
+        "model.depth=1",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0] == "| model.depth | bprop / linear | bprop / mlp | cdni / linear | cdni / mlp |"
+    cells = rows[2].strip("| ").split(" | ")[1:]
+    assert len(cells) == 4 and cells[0] == cells[1]  # bprop ignores the synthesizer: the same run twice
+    _png(tmp_path / "curves.png")
