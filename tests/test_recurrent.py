@@ -132,13 +132,6 @@ def test_mistakes_are_one_clear_sentence():
         RecurrentDNI(model, SGD, aux=True)
 
 
-def _copy_loss(method: RecurrentDNI, task, steps: int) -> float:
-    batches = task.batches(32, seed=0)
-    for _ in range(steps):
-        method.step(*next(batches))
-    return task.evaluate(method.model)["loss"]
-
-
 @pytest.mark.slow
 def test_dni_learns_a_copy_longer_than_its_truncation():
     """Copy of N = 2 two-bit vectors (a sequence of 5) with T = 2: every vector is recalled
