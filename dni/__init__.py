@@ -12,6 +12,7 @@ from dni.methods import (
     DirectFeedbackAlignment,
     FeedbackAlignment,
     Method,
+    NoBackprop,
     RecurrentDNI,
 )
 from dni.models import CNN, FCN, BlockNet
@@ -41,6 +42,7 @@ __all__ = [
     "LinearSynthesizer",
     "MLPSynthesizer",
     "Method",
+    "NoBackprop",
     "OracleSynthesizer",
     "RecurrentDNI",
     "synthetic",

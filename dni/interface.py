@@ -59,6 +59,12 @@ class DNI(nn.Module):
             forward unlocking (see `unlocked_update`).
         guard: checks synthetic gradients and regression losses; stops by default.
         name: used in logs and messages, e.g. "block2".
+        warmup_steps: for its first `warmup_steps` training steps the block applies no update
+            while the synthesizer already learns (and targets still flow down), so a block is
+            never steered by a synthesizer that has not yet seen a target.
+        regression_steps: optimiser steps of `M_k` on each target it receives (the first on
+            the prediction that was injected, the others on fresh predictions at the same
+            activation), letting the synthesizer keep up with a target that moves.
     """
 
     def __init__(
@@ -74,10 +80,20 @@ class DNI(nn.Module):
         input_synthesizer: Synthesizer | None = None,
         guard: Guard | None = None,
         name: str = "block",
+        warmup_steps: int = 0,
+        regression_steps: int = 1,
     ):
         super().__init__()
         if not 0.0 <= p_update <= 1.0:
             raise ConfigError(f"method.p_update={p_update!r} is not allowed; it must lie in [0, 1]")
+        for key, value, least in (
+            ("warmup_steps", warmup_steps, 0),
+            ("regression_steps", regression_steps, 1),
+        ):
+            if not isinstance(value, int) or value < least:
+                raise ConfigError(f"method.{key}={value!r} is not allowed; it must be an integer >= {least}")
+        self.warmup_steps, self.regression_steps = warmup_steps, regression_steps
+        self.steps_seen = 0  # training passes so far; saved by the method with its checkpoints
         self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
         self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
         self.guard = guard or Guard()
@@ -92,13 +108,25 @@ class DNI(nn.Module):
         self.stats: dict[str, Tensor] = {}
         self.last_target: Tensor | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, update: bool | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        update: bool | None = None,
+        truth: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """`truth`, for the true-target ablation only, maps the activation to the true `dL/dh`
+        (batch-mean scale); the synthesizer is then regressed towards it instead of the
+        bootstrapped gradient that arrives."""
         if not self.training:
             return self.block(x)
         if update is None:
             update = self.draw_update()
+        self.steps_seen += 1
         h = self.block(x)
         g = self.synthesizer(h.detach(), context)
+        true_target = truth(h.detach()) if truth is not None else None
         injected = self.injected(g)
         self.stats["norm"] = injected.norm().detach()
         if self.guard.synthetic_gradient(injected, self.name):
@@ -113,32 +141,42 @@ class DNI(nn.Module):
             if update:
                 self.optimizer.step()
         out = h.detach().requires_grad_()
-        out.register_hook(lambda delta: self._regress(g, delta))
+        out.register_hook(
+            lambda delta: self._regress(g, delta if true_target is None else true_target, h, context)
+        )
         return out
 
     def draw_update(self) -> bool:
-        """Whether the block applies its update this step: always, or with probability
-        `p_update` (the paper's random asynchronous updates)."""
+        """Whether the block applies its update this step: never during the warm-up, then
+        always, or with probability `p_update` (the paper's random asynchronous updates)."""
+        if self.steps_seen < self.warmup_steps:
+            return False
         return self.p_update >= 1.0 or bool(torch.rand(()) < self.p_update)
 
     def injected(self, prediction: Tensor) -> Tensor:
         """The gradient injected at `h` for a prediction of `B * dL/dh`: scaled, divided by B."""
         return self.scale * prediction.detach() / prediction.shape[0]
 
-    def _regress(self, prediction: Tensor, delta: Tensor) -> None:
-        """Regress `M_k` towards the arriving gradient `delta = dL/dh` (scaled by B)."""
+    def _regress(self, prediction: Tensor, delta: Tensor, h: Tensor, context: Tensor | None) -> None:
+        """Regress `M_k` towards the arriving gradient `delta = dL/dh` (scaled by B) in
+        `regression_steps` steps; steps after the first predict afresh at the activation `h`
+        (leaving BatchNorm's running statistics to the first)."""
         target = delta.detach() * delta.shape[0]
         self.last_target = target
-        with torch.enable_grad():  # hooks run inside a backward pass, where grad mode is off
-            loss = F.mse_loss(prediction, target)
-            self.stats["loss"] = loss.detach()
-            if self.synthesizer_optimizer is None or not self.guard.finite(
-                "synthesizer loss", loss, self.name
-            ):
-                return
-            self.synthesizer_optimizer.zero_grad(set_to_none=True)
-            (self.sg_loss_weight * loss).backward()
-        self.synthesizer_optimizer.step()
+        for i in range(self.regression_steps):
+            with torch.enable_grad():  # hooks run inside a backward pass, where grad mode is off
+                if i > 0:
+                    prediction = forward_without_stat_updates(self.synthesizer, h.detach(), context)
+                loss = F.mse_loss(prediction, target)
+                if i == 0:
+                    self.stats["loss"] = loss.detach()  # the error of the gradient that was injected
+                if self.synthesizer_optimizer is None or not self.guard.finite(
+                    "synthesizer loss", loss, self.name
+                ):
+                    return
+                self.synthesizer_optimizer.zero_grad(set_to_none=True)
+                (self.sg_loss_weight * loss).backward()
+            self.synthesizer_optimizer.step()
 
     def regress_late(self, h: Tensor, delta: Tensor, context: Tensor | None = None) -> None:
         """Regress `M_k` towards a target that arrives after `M_k` may have stepped (an
@@ -147,7 +185,7 @@ class DNI(nn.Module):
         parameters that have since been changed in place."""
         with torch.enable_grad():
             prediction = forward_without_stat_updates(self.synthesizer, h.detach(), context)
-        self._regress(prediction, delta)
+        self._regress(prediction, delta, h, context)
 
     def unlocked_update(self, network_input: Tensor, context: Tensor | None = None) -> Tensor:
         """Forward unlocking: update the block from `I_k`'s prediction of its input, before the
@@ -175,4 +213,7 @@ class DNI(nn.Module):
             self.input_optimizer.step()
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, p_update={self.p_update}, scale={self.scale}"
+        return (
+            f"name={self.name}, p_update={self.p_update}, scale={self.scale}, "
+            f"warmup_steps={self.warmup_steps}, regression_steps={self.regression_steps}"
+        )

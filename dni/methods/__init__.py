@@ -5,6 +5,7 @@ from dni.methods.bprop import Backprop
 from dni.methods.control import Controlled
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.methods.feedback import BackwardNetwork, DirectFeedbackAlignment, FeedbackAlignment
+from dni.methods.no_bprop import NoBackprop
 from dni.methods.recurrent import RecurrentDNI
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "DecoupledNeuralInterfaces",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",
+    "NoBackprop",
     "RecurrentDNI",
 ]

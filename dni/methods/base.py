@@ -41,6 +41,8 @@ class Method:
         self.guard = guard or Guard()
         self.parts = nn.ModuleDict({"model": model})
         self.optimizers: list[torch.optim.Optimizer] = []
+        # The weights the run started from, so diagnostics can say how far each block moved.
+        self.initial_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
 
     # -- training -----------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -69,10 +71,22 @@ class Method:
 
     def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Alignment of the rule's weight gradients with backprop's, per block (cosine,
-        Pearson correlation, relative error, sign agreement), at the same parameters and batch."""
-        return weight_alignment(
-            self.model, self.parameter_gradients(x, y), self.true_gradients(x, y), "align"
-        )
+        Pearson correlation, relative error, sign agreement), at the same parameters and batch;
+        and `drift/blockK`, how far each block's weights moved from where the run started."""
+        out = weight_alignment(self.model, self.parameter_gradients(x, y), self.true_gradients(x, y), "align")
+        return {**out, **self.drift()}
+
+    @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """`drift/blockK`: `|W - W_0| / |W_0|` for each block's weights (`W_0` at the start)."""
+        params = dict(self.model.named_parameters())
+        return {
+            f"drift/{block}": (
+                (params[n] - self.initial_weights[n]).norm() / self.initial_weights[n].norm()
+            ).item()
+            for n, block in block_of(self.model).items()
+            if n in self.initial_weights
+        }
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -80,6 +94,7 @@ class Method:
             "parts": self.parts.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "guard": self.guard.state_dict(),
+            "initial_weights": self.initial_weights,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,6 +104,7 @@ class Method:
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         self.guard.load_state_dict(state["guard"])
+        self.initial_weights = state.get("initial_weights", self.initial_weights)
 
     def _outputs(self, logits: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
         return {"loss": loss.detach(), "accuracy": (logits.argmax(1) == y).float().mean()}

@@ -45,6 +45,12 @@ class DecoupledNeuralInterfaces(Method):
             predicted input before the blocks below have run ("complete unlock").
         loss: "cross_entropy" or "mse".
         guard: divergence checks shared by all interfaces.
+        block_optimizer: builds the optimisers of the decoupled segments; defaults to
+            `optimizer`, which the head always uses (the head learns from the true loss).
+        warmup_steps, regression_steps: see `DNI`.
+        true_targets: ablation (one process only): every synthesizer regresses towards the
+            true `dL/dh_k` at its activation, through the blocks above at their current
+            parameters, instead of the target bootstrapped from the synthesizer above.
     """
 
     def __init__(
@@ -62,10 +68,14 @@ class DecoupledNeuralInterfaces(Method):
         input_synthesizer: SynthesizerFactory | None = None,
         loss: str = "cross_entropy",
         guard: Guard | None = None,
+        block_optimizer: OptimizerFactory | None = None,
+        warmup_steps: int = 0,
+        regression_steps: int = 1,
+        true_targets: bool = False,
     ):
         super().__init__(model, loss, guard)
         self.name = ("cdni" if conditioned else "dni") + ("_unlocked" if forward_unlock else "")
-        self.conditioned = conditioned
+        self.conditioned, self.true_targets = conditioned, true_targets
         shapes = model.activation_shapes()
         self.num_classes = shapes[-1][0]
         cuts = _interface_positions(interfaces, len(model.blocks))
@@ -76,6 +86,7 @@ class DecoupledNeuralInterfaces(Method):
         device = next(model.parameters()).device
 
         self.interfaces = nn.ModuleList()
+        self.downstream: list[Callable[[Tensor, Tensor], Tensor]] = []  # loss from each h_k on
         starts = [0, *cuts]
         for i, (start, end) in enumerate(zip(starts[:-1], cuts)):
             segment = _segment(model.blocks[start:end])
@@ -86,7 +97,7 @@ class DecoupledNeuralInterfaces(Method):
             interface = DNI(
                 segment,
                 m_k.to(device),
-                optimizer,
+                block_optimizer or optimizer,
                 synthesizer_optimizer,
                 p_update=p_updates[i],
                 scale=scale,
@@ -94,10 +105,14 @@ class DecoupledNeuralInterfaces(Method):
                 input_synthesizer=i_k.to(device) if i_k is not None else None,
                 guard=self.guard,
                 name=f"block{end}",
+                warmup_steps=warmup_steps,
+                regression_steps=regression_steps,
             )
+            rest = self._downstream(_segment(model.blocks[end:]))
             if isinstance(m_k, OracleSynthesizer):
-                m_k.attach(self._downstream(_segment(model.blocks[end:])))
+                m_k.attach(rest)
             self.interfaces.append(interface)
+            self.downstream.append(rest)
         self.cuts = cuts  # the block (1-based) after which each interface sits
         self.head = _segment(model.blocks[cuts[-1] :])
         self.head_optimizer = optimizer(self.head.parameters())
@@ -130,9 +145,23 @@ class DecoupledNeuralInterfaces(Method):
         output; `predicted` is what `unlock` returned, if the block already trained on it."""
         context = self.context(interface, labels)
         if predicted is None:
-            return interface(h, context)
+            return interface(h, context, truth=self._truth(interface, labels))
         interface.learn_input(predicted, h)
         return interface(h, context, update=False)  # the real pass only delivers targets
+
+    def _truth(self, interface: DNI, labels: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """For the true-target ablation: the map from `interface`'s activation to the true
+        `dL/dh` (batch-mean scale), through the blocks above at their current parameters."""
+        if not self.true_targets:
+            return None
+        downstream = self.downstream[list(self.interfaces).index(interface)]
+
+        def truth(h: Tensor) -> Tensor:
+            with torch.enable_grad():
+                h = h.detach().requires_grad_()
+                return torch.autograd.grad(downstream(h, labels), h)[0]
+
+        return truth
 
     def learn_head(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Train the head on the true loss; its gradient at `h` is the last interface's target."""
@@ -154,6 +183,14 @@ class DecoupledNeuralInterfaces(Method):
         for interface in self.interfaces:
             out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
         return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "interface_steps": [i.steps_seen for i in self.interfaces]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for interface, seen in zip(self.interfaces, state.get("interface_steps", [])):
+            interface.steps_seen = seen
 
     # -- measurements -------------------------------------------------------------------
     def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
