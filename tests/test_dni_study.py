@@ -1,0 +1,146 @@
+"""The switches of the DNI study (issue: unconditioned DNI that trains), each checked for
+what it claims: No-Bprop, the true-target ablation, the warm-up, several regression steps,
+a separate block optimiser, and the weight-drift diagnostic."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
+from dni.errors import ConfigError
+from dni.functional import forward_without_stat_updates
+
+adam = functools.partial(torch.optim.Adam, lr=1e-3)
+frozen = functools.partial(torch.optim.SGD, lr=0.0)
+trained_linear = functools.partial(LinearSynthesizer, zero_init=False)
+
+
+@pytest.fixture
+def data():
+    return synthetic(num_train=512, num_test=128, shape=(24,), separation=1.0)
+
+
+def batches(data, n, size=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        index = torch.randint(len(data.y_train), (size,), generator=generator)
+        yield data.x_train[index], data.y_train[index]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_no_bprop_trains_only_the_classifier(data):
+    model = FCN((24,), 10, depth=3, width=32)
+    start = copy.deepcopy(model)
+    method = NoBackprop(model, adam)
+    for x, y in batches(data, 5):
+        method.step(x, y)
+    assert all(same(block, old) for block, old in zip(model.blocks[:-1], start.blocks[:-1]))
+    assert not same(model.blocks[-1], start.blocks[-1])
+    grads = method.parameter_gradients(x, y)
+    assert all(g.abs().sum() == 0 for n, g in grads.items() if not n.startswith("blocks.3."))
+    assert grads["blocks.3.weight"].abs().sum() > 0
+    drift = method.drift()
+    assert drift["drift/block1"] == 0.0 and drift["drift/block4"] > 0.0
+
+
+def test_true_targets_are_autograds_gradient_at_each_activation(data):
+    """With nothing learning, the target each synthesizer receives under `true_targets` must be
+    `B * dL/dh_k` from full backprop; the bootstrapped target of a lower interface is not."""
+    torch.manual_seed(1)
+    x, y = next(batches(data, 1))
+
+    def targets(true_targets: bool) -> list[torch.Tensor]:
+        torch.manual_seed(2)
+        model = FCN((24,), 10, depth=3, width=32)
+        method = DecoupledNeuralInterfaces(
+            model, frozen, LinearSynthesizer, synthesizer_optimizer=frozen, true_targets=true_targets
+        )
+        method.step(x, y)
+        activations, h = [], x
+        for interface in method.interfaces:
+            h = forward_without_stat_updates(interface.block, h)
+            activations.append(h)
+        loss = F.cross_entropy(forward_without_stat_updates(method.head, h), y)
+        truths = torch.autograd.grad(loss, activations)
+        return [i.last_target for i in method.interfaces], [t * len(x) for t in truths]
+
+    received, truths = targets(true_targets=True)
+    for got, truth in zip(received, truths):
+        assert torch.allclose(got, truth, atol=1e-6)
+    bootstrapped, _ = targets(true_targets=False)
+    assert bootstrapped[0].abs().sum() == 0  # the zero-initialised synthesizer above sends nothing
+    assert torch.allclose(bootstrapped[-1], truths[-1], atol=1e-6)  # the last one is true either way
+
+
+def test_warmup_keeps_blocks_still_while_synthesizers_learn(data):
+    model = FCN((24,), 10, depth=2, width=32)
+    method = DecoupledNeuralInterfaces(model, adam, trained_linear, warmup_steps=3)
+    start = copy.deepcopy(model)
+    synthesizers = copy.deepcopy(method.parts["synthesizers"])
+    steps = batches(data, 4)
+    for _ in range(3):
+        method.step(*next(steps))
+    assert all(same(block, old) for block, old in zip(model.blocks[:-1], start.blocks[:-1]))
+    assert not same(method.parts["synthesizers"], synthesizers)
+    assert all(p.grad is None for block in model.blocks[:-1] for p in block.parameters())  # nothing injected
+    method.step(*next(steps))
+    assert all(not same(block, old) for block, old in zip(model.blocks[:-1], start.blocks[:-1]))
+
+
+def test_warmup_counts_survive_a_checkpoint(data):
+    model = FCN((24,), 10, depth=2, width=32)
+    method = DecoupledNeuralInterfaces(model, adam, trained_linear, warmup_steps=3)
+    for x, y in batches(data, 2):
+        method.step(x, y)
+    state = method.state_dict()
+    fresh = DecoupledNeuralInterfaces(copy.deepcopy(model), adam, trained_linear, warmup_steps=3)
+    fresh.load_state_dict(state)
+    assert [i.steps_seen for i in fresh.interfaces] == [2, 2]
+
+
+def test_regression_steps_take_that_many_synthesizer_steps_on_one_target(data):
+    x, y = next(batches(data, 1))
+    losses = {}
+    for n in (1, 4):
+        torch.manual_seed(3)
+        model = FCN((24,), 10, depth=1, width=32)
+        synth = functools.partial(MLPSynthesizer, hidden=(16,), batch_norm=True)
+        method = DecoupledNeuralInterfaces(
+            model, frozen, synth, synthesizer_optimizer=adam, regression_steps=n
+        )
+        interface = method.interfaces[0]
+        running = copy.deepcopy(list(interface.synthesizer.buffers()))
+        method.step(x, y)
+        (state,) = [s for s in interface.synthesizer_optimizer.state.values()][:1]
+        assert state["step"] == n
+        # BatchNorm's running statistics move once per step, not once per regression step.
+        running_after = list(interface.synthesizer.buffers())
+        assert running_after[-1] == running[-1] + 1  # num_batches_tracked
+        h = model.blocks[0](x).detach()
+        prediction = forward_without_stat_updates(interface.synthesizer, h)
+        losses[n] = F.mse_loss(prediction, interface.last_target).item()
+    assert losses[4] < losses[1]
+
+
+def test_block_optimizer_moves_blocks_and_optimizer_moves_the_head(data):
+    model = FCN((24,), 10, depth=2, width=32)
+    start = copy.deepcopy(model)
+    method = DecoupledNeuralInterfaces(model, adam, trained_linear, block_optimizer=frozen)
+    for x, y in batches(data, 3):
+        method.step(x, y)
+    assert all(same(block, old) for block, old in zip(model.blocks[:-1], start.blocks[:-1]))
+    assert not same(model.blocks[-1], start.blocks[-1])
+
+
+@pytest.mark.parametrize("key", ["warmup_steps", "regression_steps"])
+def test_bad_counts_are_refused_naming_the_key(key):
+    with pytest.raises(ConfigError, match=f"method.{key}=-1"):
+        DecoupledNeuralInterfaces(FCN((24,), 10, depth=1, width=8), adam, LinearSynthesizer, **{key: -1})
