@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dni import integrity
 from dni.errors import ConfigError, DataNotFoundError
 
 ROOT_VARIABLE = "DNI_DATA_ROOT"
@@ -93,6 +94,7 @@ def vision(name: str, root: str | os.PathLike | None = None, download: bool = Tr
     class_name, layout = _VISION[name]
     folder = data_root(root)
     cls = getattr(torchvision.datasets, class_name)
+    check_files(name, cls, folder)
 
     def split(train: bool):
         try:
@@ -127,6 +129,21 @@ def vision(name: str, root: str | os.PathLike | None = None, download: bool = Tr
         y_test=torch.as_tensor(np.asarray(test.targets), dtype=torch.long),
         num_classes=len(train.classes),
     )
+
+
+def check_files(name: str, cls: type, folder: Path) -> None:
+    """Check the files of data set `name` already under `folder` before torchvision reads them
+    (see `dni.integrity`); raises `DataError` naming the file and what is wrong with it."""
+    if name in ("mnist", "fashion_mnist"):
+        known = integrity.published(integrity.MNIST_SHA256, "sha256", "the published checksums")
+        integrity.check_idx_folder(
+            folder / cls.__name__ / "raw", cls.__name__, known if name == "mnist" else {}
+        )
+    elif name == "cifar10":  # torchvision lists the MD5 of each unpacked batch file
+        listed = dict(cls.train_list + cls.test_list)
+        integrity.check_sums(
+            folder / cls.base_folder, integrity.published(listed, "md5", "torchvision's checksums")
+        )
 
 
 def synthetic(

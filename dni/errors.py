@@ -13,6 +13,10 @@ class DataNotFoundError(DNIError, FileNotFoundError):
     """A data set that is neither on disk nor downloadable."""
 
 
+class DataError(DNIError):
+    """A data file that is damaged or is not the file its name says."""
+
+
 class CheckpointError(DNIError):
     """A checkpoint that is corrupt or belongs to another run."""
 
