@@ -1,8 +1,18 @@
 """Errors a user can cause. Each carries one sentence that names the fix."""
 
+from __future__ import annotations
+
+import signal
+
 
 class DNIError(Exception):
-    """Base class: the runner prints the message alone, without a traceback."""
+    """Base class: the runner prints the message alone, without a traceback.
+
+    `record` says whether the runner should write the error into the run folder's
+    `metrics.json`; it is False when the folder already tells of it, or is not this run's.
+    """
+
+    record = True
 
 
 class ConfigError(DNIError, ValueError):
@@ -18,17 +28,57 @@ class DataError(DNIError):
 
 
 class CheckpointError(DNIError):
-    """A checkpoint that is corrupt or belongs to another run."""
+    """A checkpoint that is corrupt, cannot be written, or belongs to another run."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose bytes are damaged: unreadable, truncated, or failing its checksums."""
+
+
+class RunFolderError(DNIError, OSError):
+    """The run folder cannot be written (a full disk)."""
+
+
+class FolderInUse(DNIError):
+    """Another live process is writing the same run folder; it is not ours to touch."""
+
+    record = False
+
+
+class Interrupted(DNIError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint and its status."""
+
+    record = False
+
+    def __init__(self, signum: int, step: int, out_dir: str):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"training interrupted by {name} at step {step}; a checkpoint is saved in {out_dir}, "
+            "so running the same command again continues from there"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for death by a signal: 128 + its number (130, 143)."""
+        return 128 + self.signum
 
 
 class Divergence(DNIError, FloatingPointError):
     """Training produced a non-finite or exploding quantity."""
 
-    def __init__(self, quantity: str, value: float, where: str = "", step: int | None = None):
+    record = False  # the loop records it itself, with the run's history
+
+    def __init__(
+        self, quantity: str, value: float, where: str = "", step: int | None = None, fix: str | None = None
+    ):
         self.quantity, self.value, self.where, self.step = quantity, value, where, step
+        self.fix = fix or (
+            "lower the learning rate or the synthetic-gradient scale, or set guard.action=skip"
+        )
         super().__init__(self._message())
 
-    def at_step(self, step: int) -> "Divergence":
+    def at_step(self, step: int) -> Divergence:
         self.step = step
         self.args = (self._message(),)
         return self
@@ -36,7 +86,4 @@ class Divergence(DNIError, FloatingPointError):
     def _message(self) -> str:
         at = f" at step {self.step}" if self.step is not None else ""
         block = f" in {self.where}" if self.where else ""
-        return (
-            f"training diverged{at}: {self.quantity}{block} is {self.value:.4g}; lower the "
-            "learning rate or the synthetic-gradient scale, or set guard.action=skip"
-        )
+        return f"training diverged{at}: {self.quantity}{block} is {self.value:.4g}; {self.fix}"

@@ -7,9 +7,12 @@ It knows methods only through `Method`: `step` on a batch, `diagnostics` on a sc
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,9 +24,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dni import checkpoint
-from dni.errors import ConfigError, Divergence
+from dni.errors import CheckpointError, ConfigError, Divergence, DNIError, Interrupted, RunFolderError
 from dni.methods.base import Method
-from dni.tracking import Tracker
+from dni.tracking import Tracker, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +104,25 @@ class Trainer:
         """Train `method` on `data` (see `dni.data` for what a task offers), writing into
         `out_dir`; return the final metrics.
 
-        Resumes from `resume` (a checkpoint file or a run folder), or from the newest
-        checkpoint already in `out_dir`. Raises `Divergence` after recording it.
+        Resumes from `resume` (a checkpoint file or a run folder), or from the newest intact
+        checkpoint already in `out_dir`. Holds the folder's lock throughout (`FolderInUse` when
+        another process has it). Raises `Divergence` after recording it, and `Interrupted` on
+        SIGINT or SIGTERM after saving a checkpoint and recording status "interrupted".
         """
         out_dir = Path(out_dir)
+        with folder_lock(out_dir), _StopRequests() as stop:
+            return self._fit(method, data, out_dir, stop, scheduler, hparams, resume)
+
+    def _fit(
+        self,
+        method: Method,
+        data: Task,
+        out_dir: Path,
+        stop: _StopRequests,
+        scheduler: SchedulerFactory | None,
+        hparams: dict[str, Any] | None,
+        resume: str | os.PathLike | None,
+    ) -> dict[str, Any]:
         total = self.total_steps(data.num_train)
         batches = data.batches(self.batch_size, self.seed)
         schedulers = [scheduler(o) for o in method.optimizers] if scheduler else []
@@ -112,10 +130,9 @@ class Trainer:
         signature = {**info, "architecture": _architecture(method)}
 
         start, restored = 0, None
-        source = _resume_source(resume, out_dir)
-        if source is not None:
-            device = next(method.model.parameters()).device
-            restored = checkpoint.load(source, signature, device=device)
+        found = _restore(resume, out_dir, signature, next(method.model.parameters()).device)
+        if found is not None:
+            source, restored = found
             method.load_state_dict(restored["method"])
             batches.load_state_dict(restored["batches"])
             for s, saved in zip(schedulers, restored["schedulers"]):
@@ -126,7 +143,11 @@ class Trainer:
             start = restored["step"]
             log.info("resuming from %s at step %d", source, start)
 
-        tracker = Tracker(out_dir, info, purge_step=start + 1 if restored else None)
+        # TensorBoard hides events at or after `purge_step` written before it: on resume, those
+        # after the checkpoint; on a fresh start over the events of a run killed before its
+        # first checkpoint, all of them (its steps are about to be logged again).
+        purge_step = start + 1 if restored else (1 if _has_events(out_dir) else None)
+        tracker = Tracker(out_dir, info, purge_step=purge_step)
         clock = _Clock(restored["clock"] if restored else None)
         if restored:
             tracker.load_state_dict(restored["tracker"])
@@ -183,6 +204,10 @@ class Trainer:
         step, window_start, window_samples = start, time.perf_counter(), 0
         try:
             while step < total:
+                if stop.signum is not None:  # between steps the state is whole: resume is exact
+                    save(step)
+                    summary("interrupted", step)
+                    raise Interrupted(stop.signum, step, str(out_dir))
                 began = time.perf_counter()
                 x, y = next(batches)
                 fetched = time.perf_counter()
@@ -192,6 +217,7 @@ class Trainer:
                 metrics = method.step(x, y)
                 for s in schedulers:
                     s.step()
+                method.guard.end_step()
                 step += 1
                 clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
                 window_samples += len(x)
@@ -226,12 +252,70 @@ class Trainer:
         except Divergence as divergence:
             divergence.at_step(step + 1)
             where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
-            summary("diverged", step, divergence=where)
+            _if_writable(lambda: summary("diverged", step, divergence=where))
+            raise
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            raise RunFolderError(
+                f"cannot write into the run folder {out_dir}: {os.strerror(error.errno).lower()}; free "
+                "space there and run the same command again, or write the run into another folder"
+            ) from None
+        except DNIError as error:
+            if not isinstance(error, Interrupted):
+                message = str(error)
+                _if_writable(lambda: summary("failed", step, error=message))
             raise
         finally:
             bar.close()
-            tracker.close()
+            _if_writable(tracker.close)  # a failed flush must not hide the error on its way out
         return summary("completed", step)
+
+
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the loop to stop at the next
+    step boundary, where the state is whole, so its checkpoint resumes exactly. A second
+    signal acts at once, as it would without us."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exception: object) -> None:
+        self._restore()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _if_writable(write: Callable[[], Any]) -> None:
+    """Record what can still be recorded; a full disk must not replace the error being raised."""
+    try:
+        write()
+    except OSError as error:
+        log.warning("could not record the run's end (%s)", error)
+
+
+def _has_events(out_dir: Path) -> bool:
+    return any(out_dir.glob("events.out.tfevents.*"))
 
 
 class _Clock:
@@ -267,8 +351,21 @@ def _architecture(method: Method) -> str:
     return f"{len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} parameters"
 
 
-def _resume_source(resume: str | os.PathLike | None, out_dir: Path) -> Path | None:
-    if resume is not None:
-        path = Path(resume)
-        return (checkpoint.latest(path) or path / checkpoint.FOLDER) if path.is_dir() else path
-    return checkpoint.latest(out_dir)
+def _restore(
+    resume: str | os.PathLike | None, out_dir: Path, signature: dict[str, Any], device: torch.device
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its state: `resume` (a file, strictly, or a run
+    folder's newest intact one), else the newest intact one in `out_dir`, else None."""
+    if resume is None:
+        return checkpoint.load_latest(out_dir, signature, device, set_aside=True)
+    path = Path(resume)
+    if not path.is_dir():
+        return path, checkpoint.load(path, signature, device)
+    # A damaged checkpoint is set aside only in our own folder, which we hold the lock of.
+    found = checkpoint.load_latest(path, signature, device, set_aside=path.resolve() == out_dir.resolve())
+    if found is None:
+        raise CheckpointError(
+            f"resume={str(path)!r} holds no checkpoints/step_*.pt; point it at a run folder that "
+            "has them or at a checkpoint file"
+        )
+    return found
