@@ -13,6 +13,9 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dni.errors import FolderInUse
+from dni.tracking import lock_folder
+
 log = logging.getLogger("dni")
 
 
@@ -28,6 +31,7 @@ class OutputFolderCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _require_writable(config, "run")
+        _lock_run_folder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _require_writable(config, "sweep")
@@ -42,6 +46,18 @@ def _require_writable(config: DictConfig, mode: str) -> None:
             f"cannot write the output folder {folder}: {problem}; set hydra.{mode}.dir to a writable folder",
             file=sys.stderr,
         )
+        sys.exit(1)
+
+
+def _lock_run_folder(folder: Path) -> None:
+    """Claim the run folder before Hydra writes `.hydra/` into it, so a second run started
+    into it stops without touching what the first one wrote; held until this process ends."""
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 holds the folder
+        return
+    try:
+        lock_folder(folder)
+    except FolderInUse as error:
+        print(error, file=sys.stderr)
         sys.exit(1)
 
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `experiments.*`
 
 from dni.data import ClassificationData  # noqa: E402
-from dni.errors import ConfigError, Divergence, DNIError  # noqa: E402
+from dni.errors import ConfigError, DNIError, Interrupted  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
 from experiments.callbacks import RunFailed  # noqa: E402
@@ -153,8 +153,11 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, out_dir)["test_error"]
+    except Interrupted as error:  # checkpoint and status are saved: say how to go on
+        log.warning("%s", error)
+        sys.exit(error.exit_code)
     except DNIError as error:
-        if not isinstance(error, Divergence):  # a divergence is already recorded, with its history
+        if error.record:  # not when already recorded (a divergence) or not ours (a locked folder)
             record_failure(out_dir, str(error))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("%s", error)  # this job fails, the others go on; the sweep exits non-zero
@@ -169,7 +172,10 @@ def record_failure(out_dir: Path, message: str) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes the run folder
         return
     previous = read_metrics(out_dir) or {}
-    write_json(out_dir / "metrics.json", {**previous, "status": "failed", "error": message})
+    try:
+        write_json(out_dir / "metrics.json", {**previous, "status": "failed", "error": message})
+    except OSError as error:  # a full disk: the error itself still reaches the user
+        log.warning("could not record the failure in %s (%s)", out_dir, error.strerror or error)
 
 
 def quiet_other_ranks() -> None:
