@@ -1,0 +1,213 @@
+"""A run's life as a user meets it: one run per folder, a kill before the first checkpoint,
+Ctrl-C and SIGTERM, a full disk, damaged checkpoints, and a run whose every update is skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from dni import checkpoint
+from dni.errors import CheckpointError, Divergence
+from dni.tracking import read_metrics
+from experiments.train import run
+from tests.conftest import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
+
+# A CLI run on synthetic data that logs every few steps and checkpoints only at its end.
+LONG = [
+    "dataset=synthetic",
+    "trainer.batch_size=64",
+    "trainer.log_every=5",
+    "trainer.eval_every=100",
+    "trainer.checkpoint_every=100000",
+    "trainer.progress=false",
+    "device=cpu",
+    "threads=1",
+]
+FAST = ["debug=fast", "trainer.progress=false", "device=cpu"]
+
+
+def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
+    """`python experiments/train.py <args>` in the background, writing into `run_dir`."""
+    env = {
+        **os.environ,
+        "DNI_DATA_ROOT": str(data_root()),
+        "OMP_NUM_THREADS": THREADS,
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "experiments" / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {process.communicate()[1]}"
+        assert time.monotonic() < deadline, f"no {what} after 120 s"
+        time.sleep(0.02)
+
+
+def _logged_steps(run_dir: Path) -> int:
+    """How far the run's TensorBoard events go (0 while none are on disk)."""
+    try:
+        return max((s for s, _ in read_scalars(run_dir).get("train/loss", [])), default=0)
+    except Exception:  # an event file being written may end mid-record
+        return 0
+
+
+def test_a_second_run_into_a_busy_folder_stops_naming_the_process_that_holds_it(tmp_path):
+    folder = tmp_path / "run"
+    first = _start([*LONG, "trainer.steps=1000000"], folder)
+    try:
+        _wait_for(lambda: (read_metrics(folder) or {}).get("status") == "running", first, "training")
+        config = (folder / ".hydra" / "config.yaml").read_bytes()
+
+        second = run_cli(*LONG, "trainer.steps=10", "seed=1", f"hydra.run.dir={folder}")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip() == (
+            f"the run folder {folder} is in use by process {first.pid} on {os.uname().nodename}; wait "
+            "for that run to end or stop it, or write into another folder"
+        )
+        # The first run's record is untouched: its config, its status.
+        assert (folder / ".hydra" / "config.yaml").read_bytes() == config
+        assert read_metrics(folder)["status"] == "running"
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_every_step_once_when_started_again(tmp_path):
+    folder, args = tmp_path / "run", [*LONG, "trainer.steps=300"]
+    killed = _start(args, folder)
+    _wait_for(lambda: _logged_steps(folder) >= 50, killed, "logged steps")
+    killed.kill()
+    killed.communicate()
+    assert not checkpoint.checkpoints(folder)
+
+    again = run_cli(*args, f"hydra.run.dir={folder}")  # the same command: a fresh start
+    assert again.returncode == 0, again.stderr
+    assert f"took over the lock of process {killed.pid}" in again.stdout + again.stderr  # a dead run's
+    steps = [s for s, _ in read_scalars(folder)["train/loss"]]
+    assert steps == list(range(5, 301, 5))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_the_same_command_continues(signum, code, tmp_path):
+    folder, args = tmp_path / "run", [*LONG, "trainer.steps=600"]
+    interrupted = _start(args, folder)
+    _wait_for(lambda: _logged_steps(folder) >= 20, interrupted, "logged steps")
+    interrupted.send_signal(signum)
+    stdout, stderr = interrupted.communicate(timeout=60)
+
+    assert interrupted.returncode == code and "Traceback" not in stderr
+    metrics = read_metrics(folder)
+    step = metrics["steps"]
+    assert metrics["status"] == "interrupted" and 20 <= step < 600
+    name = signal.Signals(signum).name
+    assert (
+        f"training interrupted by {name} at step {step}; a checkpoint is saved in {folder}, so "
+        "running the same command again continues from there" in stdout + stderr
+    )
+    saved = folder / "checkpoints" / f"step_{step:09d}.pt"
+    assert checkpoint.latest(folder) == saved
+
+    again = run_cli(*args, f"hydra.run.dir={folder}")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {saved} at step {step}" in again.stdout + again.stderr
+    assert read_metrics(folder)["status"] == "completed"
+    assert [s for s, _ in read_scalars(folder)["train/loss"]] == list(range(5, 601, 5))
+
+
+def test_a_full_disk_is_one_sentence_and_keeps_the_older_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    # The second checkpoint meets a full disk after writing part of its bytes.
+    script = f"""
+import errno, os, runpy, sys, torch
+real, calls = torch.save, []
+def full_disk(state, file, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+        return real(state, file, *args, **kwargs)
+    file.write(b"x" * 100000)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+torch.save = full_disk
+sys.argv = ["experiments/train.py", *{[*FAST, f"hydra.run.dir={folder}"]!r}]
+runpy.run_path("experiments/train.py", run_name="__main__")
+"""
+    env = {**os.environ, "DNI_DATA_ROOT": str(data_root()), "OMP_NUM_THREADS": THREADS}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    written = folder / "checkpoints"
+    assert (
+        f"cannot write the checkpoint {written / 'step_000000020.pt'}: the disk is full; free space in "
+        f"{written} and run the same command again, or write the run into another folder\n" in result.stderr
+    )
+    assert [p.name for p in written.glob("step_*")] == ["step_000000010.pt"]  # no .pt.tmp left behind
+    checkpoint.verify(written / "step_000000010.pt")
+    metrics = read_metrics(folder)
+    assert metrics["status"] == "failed" and "the disk is full" in metrics["error"]
+
+
+def _flip(path: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of a file (inside a tensor's data)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_newest_checkpoint_is_kept_and_the_run_resumes_from_the_one_before(tmp_path, caplog):
+    folder = tmp_path / "run"
+    run(compose_config(*FAST), folder)
+    newest, previous = checkpoint.latest(folder), checkpoint.checkpoints(folder)[0]
+    expected = torch.load(newest, weights_only=False)["method"]["parts"]
+    _flip(newest)
+    damaged = newest.read_bytes()
+
+    result = run(compose_config(*FAST), folder)  # the same run again: it resumes
+    assert result["status"] == "completed" and result["steps"] == 20
+    kept = newest.with_name(newest.name + ".corrupt")
+    assert kept.read_bytes() == damaged  # set aside, never deleted
+    warning = f"checkpoint {newest} is corrupt or truncated (the checksum of its record"
+    assert warning in caplog.text and f"kept as {kept}, resuming from {previous}" in caplog.text
+    got = torch.load(checkpoint.latest(folder), weights_only=False)["method"]["parts"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # steps 11-20 trained again
+
+    _flip(checkpoint.latest(folder))
+    _flip(checkpoint.checkpoints(folder)[0])
+    with pytest.raises(CheckpointError) as refused:
+        run(compose_config(*FAST), folder)
+    message = str(refused.value)
+    assert message == (
+        f"checkpoints {checkpoint.latest(folder)} and {previous} are both corrupt; nothing was "
+        "changed, so move them away to start this run afresh, or write into a new output folder"
+    )
+
+
+def test_a_run_whose_every_update_is_skipped_stops_diverged_with_strict_json(tmp_path):
+    overrides = [*FAST, "guard.action=skip", "optim.lr=1e30", "++guard.max_skipped_steps=5"]
+    with pytest.raises(Divergence, match="steps in a row that skipped an update is 5; lower the learning"):
+        run(compose_config(*overrides), tmp_path)
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in metrics.json")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_constants)
+    assert metrics["status"] == "diverged" and metrics["skipped_updates"] >= 5
+    assert metrics["final"]["train/loss"] is None and "final.train/loss" in metrics["non_finite"]
