@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,11 @@ def _lock_run_folder(folder: Path) -> None:
 
 
 def why_unwritable(folder: Path) -> str | None:
-    """Why `folder` could not be created and written, or None, without creating anything."""
+    """Why `folder` could not be created and written, or None.
+
+    Permission bits do not tell for root, nor for /proc or a read-only mount, so the folder
+    is created (Hydra would create it next anyway) and a temporary file written in it.
+    """
     path = folder.absolute()
     while not path.exists():
         path = path.parent
@@ -70,6 +75,12 @@ def why_unwritable(folder: Path) -> str | None:
         return f"{path} is a file"
     if not os.access(path, os.W_OK | os.X_OK):
         return f"{path} is not writable"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"it cannot be created or written there ({error.strerror or type(error).__name__})"
     return None
 
 

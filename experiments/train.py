@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `experiments.*`
 
+from dni import checkpoint  # noqa: E402
 from dni.data import ClassificationData  # noqa: E402
 from dni.errors import ConfigError, DNIError, Interrupted  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
@@ -76,15 +81,138 @@ def configure_torch(seed: int, threads: int | None, deterministic: bool) -> None
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Values the constructors would reject with an unhelpful message, checked up front."""
-    for key in ("optim.lr", "method.synthesizer_optimizer.lr"):
-        lr = OmegaConf.select(cfg, key)
-        if lr is not None and not float(lr) > 0:
-            raise ConfigError(f"{key}={lr} is not allowed; a learning rate must be > 0")
+    """Values the constructors would reject with a bare traceback, or accept and then ignore
+    (a seed of "abc", `milestones=abc`), checked up front so the error names the config key."""
+    for key in ("seed", "trainer.seed", "dataset.seed"):
+        seed = OmegaConf.select(cfg, key)
+        if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
+            raise ConfigError(f"{key}={_show(seed)} is not allowed; give an integer in [0, 2**32)")
+    threads = cfg.threads
+    if threads is not None and not (_is_int(threads) and threads >= 1):
+        raise ConfigError(
+            f"threads={_show(threads)} is not allowed; give an integer >= 1, or null for torch's default"
+        )
+    for key in ("optim", "method.synthesizer_optimizer"):
+        if OmegaConf.select(cfg, key) is not None:
+            check_optimizer(cfg, key)
+    if cfg.get("scheduler"):
+        check_scheduler(cfg)
     if cfg.resume is not None and not Path(cfg.resume).exists():
         raise ConfigError(
             f"resume={cfg.resume} does not exist; point it at a run folder or a step_*.pt checkpoint"
         )
+
+
+# Optimiser settings checked by name: (what it is, lowest allowed value, whether the lowest is allowed).
+OPTIMIZER_RANGES = {
+    "lr": ("a learning rate", 0.0, False),
+    "weight_decay": ("a weight decay", 0.0, True),
+    "momentum": ("a momentum", 0.0, True),
+    "dampening": ("a dampening", 0.0, True),
+    "eps": ("an epsilon", 0.0, True),
+}
+
+
+def check_optimizer(cfg: DictConfig, key: str) -> None:
+    """The optimiser at `key`: its usual settings by name, then a trial build on one
+    parameter, so that anything else torch rejects is also reported under `key`."""
+    node = OmegaConf.select(cfg, key)
+    for name, (what, low, inclusive) in OPTIMIZER_RANGES.items():
+        value = node.get(name)
+        if value is None:
+            continue
+        if not (_is_number(value) and (value >= low if inclusive else value > low)):
+            bound = ">=" if inclusive else ">"
+            raise ConfigError(
+                f"{key}.{name}={_show(value)} is not allowed; {what} must be a number {bound} {low:g}"
+            )
+    betas = node.get("betas")
+    if betas is not None and not (
+        OmegaConf.is_list(betas) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(
+            f"{key}.betas={_show(betas)} is not allowed; give two numbers in [0, 1) such as [0.9,0.999]"
+        )
+    with naming(key):
+        build(node)([torch.nn.Parameter(torch.zeros(1))])
+
+
+def check_scheduler(cfg: DictConfig) -> None:
+    """A learning-rate schedule whose steps are not integers never fires (MultiStepLR turns
+    `milestones=abc` into the steps "a", "b" and "c"), so its values are checked by name."""
+    node = cfg.scheduler
+    milestones = node.get("milestones")
+    if milestones is not None and not (
+        OmegaConf.is_list(milestones) and all(_is_int(m) and m > 0 for m in milestones)
+    ):
+        raise ConfigError(
+            f"scheduler.milestones={_show(milestones)} is not allowed; give a list of steps > 0 "
+            "such as [300000,400000]"
+        )
+    gamma = node.get("gamma")
+    if gamma is not None and not (_is_number(gamma) and gamma > 0):
+        raise ConfigError(f"scheduler.gamma={_show(gamma)} is not allowed; give a factor > 0 such as 0.1")
+    with naming("scheduler"):
+        build(node)(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    """A value as a user would type it on the command line."""
+    if value is None:
+        return "null"
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return str(value).replace(" ", "") if isinstance(value, (list, dict)) else str(value)
+
+
+@contextmanager
+def naming(key: str) -> Iterator[None]:
+    """Errors a constructor raises about its arguments become one sentence naming `key`:
+    the library names the argument, the runner adds the config key (and its choice)."""
+    try:
+        yield
+    except DNIError:
+        raise
+    except (TypeError, ValueError, InstantiationException) as error:
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        if isinstance(cause, DNIError):
+            raise cause from None
+        raise ConfigError(describe(key, cause)) from None
+
+
+def describe(key: str, error: BaseException) -> str:
+    """One sentence saying which part of the config `error` came from."""
+    choice = _choice(key)
+    chosen = f"{key}={choice}" if choice else f"the chosen {key}"
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if unexpected:
+        setting = unexpected.group(1)
+        return (
+            f"{key}.{setting} is not a setting of {chosen} (an experiment or an override set it "
+            f"for another {key}); remove it, or choose a {key} that takes it"
+        )
+    return f"{chosen} cannot be built from its settings ({_one_line(error)}); fix the {key}.* value it names"
+
+
+def _choice(key: str) -> str | None:
+    """The option picked for a config group (`adam` for `optim`), when Hydra ran the job."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return choices.get(key)
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message, without the sentence breaks of a longer text."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].rstrip(".:") if lines else type(error).__name__
+    return re.sub(r"\.\s+", "; ", text)
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -111,10 +239,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything the config names and train it; return the final metrics."""
     check_values(cfg)
     configure_torch(cfg.seed, cfg.threads, cfg.deterministic)
-    pipeline = build(cfg.parallel) if cfg.get("parallel") else None  # claims this rank's GPU first
+    with naming("parallel"):
+        pipeline = build(cfg.parallel) if cfg.get("parallel") else None  # claims this rank's GPU first
     device = pick_device(cfg.device)
-    data = build(cfg.dataset).to(device)
-    model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    with naming("dataset"):
+        data = build(cfg.dataset).to(device)
+    with naming("model"):
+        model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
     if not getattr(model, "recurrent", False) and not isinstance(data, ClassificationData):
         raise ConfigError(
             f"model={model.name} learns from labelled examples (as bprop, dni and cdni need), but "
@@ -122,13 +253,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
     twin = copy.deepcopy(model) if cfg.control else None
     optimizer = build(cfg.optim)
-    guard = build(cfg.guard)
-    method = build(cfg.method)(model=model, optimizer=optimizer, guard=guard)
+    with naming("guard"):
+        guard = build(cfg.guard)
+    with naming("method"):
+        method = build(cfg.method)(model=model, optimizer=optimizer, guard=guard)
     if twin is not None:
         from dni.methods.control import Controlled
 
         method = Controlled(method, Backprop(twin, optimizer, loss=method.loss.name))
-    trainer = build(cfg.trainer)
+    with naming("trainer"):
+        trainer = build(cfg.trainer)
     scheduler = build(cfg.scheduler) if cfg.get("scheduler") else None
     log.info(
         "%s on %s (%s), %d steps, writing to %s",
@@ -143,9 +277,113 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return pipeline.fit(
             method, data, trainer, out_dir, scheduler=scheduler, hparams=hparams, resume=cfg.resume
         )
+    names = {"method": method.name, "model": model.name, "dataset": data.name}
+    check_resume(cfg, out_dir, names)
+    record_config(cfg, out_dir, names)
     return trainer.fit(
         method, data, out_dir, scheduler=scheduler, hparams=hyperparameters(cfg), resume=cfg.resume
     )
+
+
+# The config the checkpoints beside it were trained with. Hydra rewrites `.hydra/config.yaml`
+# at every start, so a resumed run would find its own config there, not the checkpoint's.
+TRAINED_CONFIG = "config.yaml"
+
+# Keys a resumed run may change: its budget (to train longer), how often it logs, evaluates and
+# checkpoints, where it runs and where its data lies. Any other change alters what is trained.
+CHANGEABLE_ON_RESUME = (
+    "trainer.steps",
+    "trainer.epochs",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "trainer.diagnostics_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.progress",
+    "device",
+    "threads",
+    "deterministic",
+    "resume",
+    "resume_accepts_changes",
+    "report",
+    "dataset.root",
+    "dataset.download",
+)
+
+
+def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint trained with other settings (a learning rate, batch size,
+    seed or optimiser), which would otherwise go on silently with a mix of the two, unless
+    `resume_accepts_changes=true`. A checkpoint of another method, model or data set is left to
+    the checkpoint's own signature check, which names those."""
+    source = _resume_source(cfg, out_dir)
+    if source is None:
+        return
+    record = source.parent / TRAINED_CONFIG
+    if not record.is_file():
+        log.warning("%s does not record the config it was trained with; resuming unchecked", source.parent)
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(record), resolve=True)
+    if saved.get("run") != names:
+        return
+    there, here = _flatten(saved.get("config") or {}), _flatten(_resolved(cfg))
+    changed = sorted(
+        key
+        for key in there.keys() | here.keys()
+        if there.get(key) != here.get(key) and not _changeable(key)
+    )
+    if not changed:
+        return
+    shown = ", ".join(
+        f"{k}={_show(there.get(k, 'absent'))} there, {_show(here.get(k, 'absent'))} here" for k in changed[:3]
+    )
+    more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
+    if cfg.get("resume_accepts_changes"):
+        log.warning("resuming %s with changed settings: %s%s", source, shown, more)
+        return
+    raise ConfigError(
+        f"checkpoint {source} was trained with other settings ({shown}{more}); resume with the same "
+        "settings, start a new run folder (hydra.run.dir=...), or set resume_accepts_changes=true "
+        "to continue with the new ones"
+    )
+
+
+def _changeable(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in CHANGEABLE_ON_RESUME)
+
+
+def record_config(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
+    """Write the resolved config beside the checkpoints this run is about to write."""
+    if int(os.environ.get("RANK", "0")) > 0 or cfg.get("parallel"):  # the pipeline keeps no checkpoints
+        return
+    folder = out_dir / checkpoint.FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    record = OmegaConf.create({"run": names, "config": _resolved(cfg)})
+    temporary = folder / f"{TRAINED_CONFIG}.tmp"
+    OmegaConf.save(record, temporary)
+    os.replace(temporary, folder / TRAINED_CONFIG)
+
+
+def _resume_source(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The checkpoint the trainer will resume from (as `Trainer.fit` picks it), or None."""
+    if cfg.resume is None:
+        return checkpoint.latest(out_dir)
+    path = Path(cfg.resume)
+    return checkpoint.latest(path) if path.is_dir() else path
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"optim.lr": 0.001, ...}; lists stay values."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -165,6 +403,9 @@ def main(cfg: DictConfig) -> float | None:
         raise RunFailed(str(error)) from None
     except Exception as error:  # a bug: keep the traceback, but never leave "running" behind
         record_failure(out_dir, f"{type(error).__name__}: {error}")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # in the job's log; the sweep goes on to its report
+            log.exception("%s: %s", type(error).__name__, error)
+            return None
         raise
 
 

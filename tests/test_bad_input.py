@@ -1,0 +1,99 @@
+"""Values that used to leak a traceback or be accepted silently: each ends in one sentence
+naming the config key, alone and inside a sweep, and a resume never mixes two configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dni.errors import DNIError
+from dni.tracking import read_metrics
+from experiments.callbacks import why_unwritable
+from experiments.report import collect
+from experiments.train import run
+from tests.conftest import compose_config, run_cli
+
+# overrides -> what the sentence must say; every one once escaped as a traceback (or ran).
+BAD_VALUES = {
+    "learning rate not a number": (["optim.lr=abc"], "optim.lr=abc is not allowed"),
+    "beta >= 1": (["optim.betas=[2.0,0.999]"], "optim.betas=[2.0,0.999] is not allowed"),
+    "weight decay < 0": (["optim.weight_decay=-1"], "optim.weight_decay=-1 is not allowed"),
+    "momentum < 0": (["optim=sgd", "optim.momentum=-1"], "optim.momentum=-1 is not allowed"),
+    "synthesizer betas": (
+        ["method=dni", "+method.synthesizer_optimizer.betas=[0.9]"],
+        "method.synthesizer_optimizer.betas=[0.9] is not allowed",
+    ),
+    "threads < 1": (["threads=0"], "threads=0 is not allowed"),
+    "seed not a number": (["seed=abc"], "seed=abc is not allowed"),
+    "setting of another method": (
+        ["experiment=copy_lstm", "method=cdni"],
+        "method.truncation is not a setting of the chosen method",
+    ),
+    "data set setting of the wrong type": (
+        ["dataset.num_train=abc"],
+        "the chosen dataset cannot be built from its settings",
+    ),
+    "milestones not steps": (["scheduler=multistep", "scheduler.milestones=abc"], "scheduler.milestones=abc"),
+    "gamma <= 0": (["scheduler=multistep", "scheduler.gamma=0"], "scheduler.gamma=0 is not allowed"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=list(BAD_VALUES))
+def test_bad_value_is_one_sentence_naming_the_key(case, tmp_path):
+    overrides, message = BAD_VALUES[case]
+    fast = [] if any(o.startswith("experiment=") for o in overrides) else ["debug=fast"]
+    cfg = compose_config(*fast, "device=cpu", "trainer.progress=false", *overrides)
+    with pytest.raises(DNIError) as error:
+        run(cfg, tmp_path)
+    text = str(error.value)
+    assert message in text and "\n" not in text and ". " not in text, text
+    assert read_metrics(tmp_path) is None
+
+
+def test_output_folder_under_proc_is_named():
+    problem = why_unwritable(Path("/proc/dni-test/run"))
+    assert problem is not None and problem.startswith("it cannot be created or written there")
+
+
+def test_a_sweep_with_a_bad_value_fails_that_job_and_still_reports(tmp_path):
+    result = run_cli(
+        "-m",
+        "debug=fast",
+        "optim.lr=abc,1e-3",
+        "trainer.progress=false",
+        "report={rows:optim.lr,columns:method,curves:null}",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    jobs = {str(job.lookup("optim.lr")): job for job in collect(tmp_path)}
+    assert jobs["abc"].status == "failed" and "optim.lr=abc is not allowed" in jobs["abc"].metrics["error"]
+    assert jobs["0.001"].status == "completed"
+    report = (tmp_path / "report.md").read_text()
+    assert "| abc | failed |" in report
+
+
+SHORT = ["debug=fast", "device=cpu", "trainer.progress=false", "trainer.steps=10"]
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    run(compose_config(*SHORT), tmp_path)  # a checkpoint at step 10, trained with optim.lr=0.001
+    longer = ["debug=fast", "trainer.steps=20", "optim.lr=0.01", f"hydra.run.dir={tmp_path}"]
+    result = run_cli(*longer)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    checkpoint = tmp_path / "checkpoints" / "step_000000010.pt"
+    assert f"checkpoint {checkpoint} was trained with other settings (optim.lr=0.001 there, 0.01 here)" in (
+        result.stderr
+    )
+    assert "set resume_accepts_changes=true" in result.stderr
+
+    accepted = run(compose_config(*SHORT[:-1], *longer[1:3], "resume_accepts_changes=true"), tmp_path)
+    assert accepted["status"] == "completed" and accepted["steps"] == 20
+    again = run(compose_config(*SHORT[:-1], "trainer.steps=30", "optim.lr=0.01"), tmp_path)
+    assert again["steps"] == 30  # the accepted settings are now the checkpoint's
+
+
+def test_resume_with_another_optimizer_is_refused_before_it_fails(tmp_path):
+    run(compose_config(*SHORT, "optim=sgd"), tmp_path)
+    with pytest.raises(DNIError, match=r"optim._target_=torch.optim.SGD there, torch.optim.Adam here"):
+        run(compose_config(*SHORT[:-1], "trainer.steps=20"), tmp_path)
