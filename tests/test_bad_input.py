@@ -3,6 +3,10 @@ naming the config key, alone and inside a sweep, and a resume never mixes two co
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from dni.tracking import read_metrics
 from experiments.callbacks import why_unwritable
 from experiments.report import collect
 from experiments.train import run
-from tests.conftest import compose_config, run_cli
+from tests.conftest import REPO, THREADS, compose_config, run_cli
 
 # overrides -> what the sentence must say; every one once escaped as a traceback (or ran).
 BAD_VALUES = {
@@ -97,3 +101,26 @@ def test_resume_with_another_optimizer_is_refused_before_it_fails(tmp_path):
     run(compose_config(*SHORT, "optim=sgd"), tmp_path)
     with pytest.raises(DNIError, match=r"optim._target_=torch.optim.SGD there, torch.optim.Adam here"):
         run(compose_config(*SHORT[:-1], "trainer.steps=20"), tmp_path)
+
+
+def test_pipeline_ranks_given_different_settings_are_refused(tmp_path):
+    """Every rank builds its own optimisers: one launched with another optim.lr must be named."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["debug=fast", "method=cdni", "parallel=pipeline", "device=cpu", "trainer.progress=false"]
+    procs = []
+    for rank, lr in ((0, "1e-3"), (1, "1e-2")):
+        env = {
+            **os.environ,
+            **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": THREADS},
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        }
+        command = [sys.executable, str(REPO / "experiments" / "train.py"), *args, f"optim.lr={lr}"]
+        command.append(f"hydra.run.dir={tmp_path / f'rank{rank}'}")
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1] and "Traceback" not in errors[0], errors[0]
+    assert (
+        "rank 1 differs from rank 0 in config method.synthesizer_optimizer.lr, config optim.lr" in errors[0]
+    )

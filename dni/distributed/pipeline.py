@@ -125,7 +125,7 @@ class Pipeline:
             else balanced_boundaries(method, stages)
         )
         if world > 1:
-            _check_agreement(_fingerprint(method, data, trainer, boundaries, self.staleness))
+            _check_agreement(_fingerprint(method, data, trainer, boundaries, self.staleness, hparams))
             out_dir = _agree_on_folder(Path(out_dir), rank)
         try:
             run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
@@ -162,9 +162,15 @@ def _check_method(method: Any) -> None:
 
 
 def _fingerprint(
-    method: DecoupledNeuralInterfaces, data: Task, trainer: Trainer, boundaries: list[int], staleness: int
+    method: DecoupledNeuralInterfaces,
+    data: Task,
+    trainer: Trainer,
+    boundaries: list[int],
+    staleness: int,
+    hparams: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What every rank must agree on: the ranks exchange no labels, inputs or shapes."""
+    """What every rank must agree on: the ranks exchange no labels, inputs or shapes, and each
+    builds its own optimisers, so every setting of the run's config (`hparams`) is compared too."""
     _, y = next(data.batches(trainer.batch_size, trainer.seed))
     return {
         "data": (data.name, data.num_train),
@@ -174,6 +180,7 @@ def _fingerprint(
         "activations": method.model.activation_shapes(),
         "parameters": sum(p.numel() for p in method.parts.parameters()),
         "boundaries": boundaries,
+        **{f"config {key}": value for key, value in (hparams or {}).items()},
     }
 
 
