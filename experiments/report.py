@@ -29,6 +29,7 @@ from dni.tracking import read_metrics
 # One colour per learning rule, the same in every figure.
 COLORS = {
     "bprop": "black",
+    "no_bprop": "tab:olive",
     "bptt": "black",
     "dni": "tab:blue",
     "cdni": "tab:orange",
@@ -58,6 +59,10 @@ class ReportSpec:
     log_x: bool = False
     lower_is_better: bool = True
     order: list[str] = field(default_factory=list)  # column order; others follow
+    # Diagnostics over training, e.g. ["sg/cosine", "drift"]: for each, a figure with one panel
+    # per column and one line per interface or block (`sg/cosine/block2`, ...), at the deepest
+    # row; read from the runs' TensorBoard events (set trainer.diagnostics_every).
+    traces: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ReportSpec:
@@ -264,6 +269,50 @@ def plot_versus(runs: list[Run], spec: ReportSpec, path: Path) -> Path | None:
     return path
 
 
+def scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard events whose tag starts with `prefix/`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith(prefix + "/")]
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags}
+
+
+def plot_traces(runs: list[Run], spec: ReportSpec, prefix: str, path: Path) -> Path | None:
+    """`prefix/<where>` over training at the deepest row: a panel per column, a line per
+    interface or block (darker = deeper), the first completed run (seed) of each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = max((run.lookup(spec.rows) for run in runs), key=_sort_key, default=None)
+    grouped = cells(runs, spec)
+    shown = [(c, grouped[(row, c)][0]) for c in _columns(runs, spec) if grouped.get((row, c))]
+    series = [(c, scalars(run.path, prefix)) for c, run in shown]
+    series = [(c, s) for c, s in series if s]
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.4), squeeze=False, sharey=True)
+    for axis, (column, traces) in zip(axes[0], series):
+        tags = sorted(traces, key=lambda t: (len(t), t))
+        for i, tag in enumerate(tags):
+            steps, values = zip(*traces[tag])
+            shade = plt.cm.viridis(0.85 * (1 - i / max(len(tags) - 1, 1)))
+            axis.plot(steps, values, color=shade, marker=".", label=tag.removeprefix(prefix + "/"))
+        axis.set_title(str(column), fontsize=9)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel(prefix)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{prefix} over training, {spec.rows} = {row}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def make_report(sweep_dir: str | Path, spec: ReportSpec | None = None) -> Path:
     """Write `report.md` (the table, the figures, the status of every job) into `sweep_dir`."""
     sweep_dir = Path(sweep_dir)
@@ -277,6 +326,7 @@ def make_report(sweep_dir: str | Path, spec: ReportSpec | None = None) -> Path:
         for f in (
             plot_curves(runs, spec, sweep_dir / "curves.png") if spec.curves else None,
             plot_versus(runs, spec, sweep_dir / "versus.png") if spec.versus else None,
+            *(plot_traces(runs, spec, p, sweep_dir / f"{p.replace('/', '_')}.png") for p in spec.traces),
         )
         if f is not None
     ]
@@ -300,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
     for f in fields(ReportSpec):
-        if f.name not in ("order", "log_x", "lower_is_better"):
+        if f.name not in ("order", "log_x", "lower_is_better", "traces"):
             parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else str)
     args = parser.parse_args(argv)
     runs = collect(args.sweep_dir)

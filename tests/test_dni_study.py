@@ -144,3 +144,18 @@ def test_block_optimizer_moves_blocks_and_optimizer_moves_the_head(data):
 def test_bad_counts_are_refused_naming_the_key(key):
     with pytest.raises(ConfigError, match=f"method.{key}=-1"):
         DecoupledNeuralInterfaces(FCN((24,), 10, depth=1, width=8), adam, LinearSynthesizer, **{key: -1})
+
+
+def test_next_character_windows_hold_the_characters_before_their_label(tmp_path):
+    from dni.tasks import next_character
+
+    (tmp_path / "corpus.txt").write_text("abcabcabd" * 50)
+    data = next_character(str(tmp_path), "corpus.txt", context=3, num_train=40, num_test=5)
+    vocabulary = 4  # a, b, c, d
+    assert data.x_train.shape == (40, 3 * vocabulary) and data.num_classes == vocabulary
+    previous = data.x_train.view(40, 3, vocabulary).argmax(2)
+    text = "abcabcabd"
+    for window, label in zip(previous.tolist(), data.y_train.tolist()):
+        # every window of this corpus is followed by the character that continues the cycle
+        joined = "".join("abcd"[i] for i in [*window, label])
+        assert joined in text * 3

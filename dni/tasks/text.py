@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dni.data import ROOT_VARIABLE, data_root
+from dni.data import ROOT_VARIABLE, ClassificationData, data_root
 from dni.errors import ConfigError, DataNotFoundError
 
 PTB_FILES = {"train": "ptb.char.train.txt", "valid": "ptb.char.valid.txt", "test": "ptb.char.test.txt"}
@@ -227,3 +227,33 @@ def _read_ptb(folder: Path, split: str) -> tuple[Tensor, Tensor, list[str]]:
 def _encode(symbols: list[str], vocabulary: list[str]) -> Tensor:
     index = {s: i for i, s in enumerate(vocabulary)}
     return torch.from_numpy(np.fromiter((index[s] for s in symbols), dtype=np.int64, count=len(symbols)))
+
+
+def next_character(
+    root: str | None = None,
+    file: str = "tinyshakespeare/input.txt",
+    context: int = 8,
+    test_fraction: float = 0.1,
+    num_train: int | None = 200_000,
+    num_test: int | None = 20_000,
+    seed: int = 0,
+) -> ClassificationData:
+    """A feed-forward classification task from a text: the next character from the `context`
+    characters before it, one-hot and flattened (`context * vocabulary` inputs, one class per
+    character). Windows are drawn at random from each split (at most `num_train` / `num_test`;
+    None for all), so the feed-forward methods meet data other than images."""
+    if not isinstance(context, int) or context < 1:
+        raise ConfigError(f"dataset.context={context!r} is not allowed; it must be an integer >= 1")
+    corpus = text(root, file, length=context, test_fraction=test_fraction)
+    vocabulary = len(corpus.vocabulary)
+    generator = torch.Generator().manual_seed(seed)
+
+    def windows(ids: Tensor, count: int | None) -> tuple[Tensor, Tensor]:
+        starts = torch.randperm(len(ids) - context, generator=generator)[:count]
+        previous = ids[starts[:, None] + torch.arange(context)]
+        return F.one_hot(previous, vocabulary).flatten(1).float(), ids[starts + context]
+
+    x_train, y_train = windows(corpus.train, num_train)
+    x_test, y_test = windows(corpus.test, num_test)
+    name = f"{corpus.name}_next_character"
+    return ClassificationData(name, x_train, y_train, x_test, y_test, num_classes=vocabulary)
