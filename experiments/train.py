@@ -328,21 +328,20 @@ def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
         return
     there, here = _flatten(saved.get("config") or {}), _flatten(_resolved(cfg))
     changed = sorted(
-        key
-        for key in there.keys() | here.keys()
-        if there.get(key) != here.get(key) and not _changeable(key)
+        key for key in there.keys() | here.keys() if there.get(key) != here.get(key) and not _changeable(key)
     )
     if not changed:
         return
     shown = ", ".join(
-        f"{k}={_show(there.get(k, 'absent'))} there, {_show(here.get(k, 'absent'))} here" for k in changed[:3]
+        f"{k} ({_show(there.get(k, 'absent'))} there, {_show(here.get(k, 'absent'))} here)"
+        for k in changed[:5]
     )
-    more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
+    more = f", and {', '.join(changed[5:])}" if len(changed) > 5 else ""
     if cfg.get("resume_accepts_changes"):
         log.warning("resuming %s with changed settings: %s%s", source, shown, more)
         return
     raise ConfigError(
-        f"checkpoint {source} was trained with other settings ({shown}{more}); resume with the same "
+        f"checkpoint {source} was trained with other settings: {shown}{more}; resume with the same "
         "settings, start a new run folder (hydra.run.dir=...), or set resume_accepts_changes=true "
         "to continue with the new ones"
     )
