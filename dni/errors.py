@@ -50,13 +50,15 @@ class Interrupted(DNIError):
 
     record = False
 
-    def __init__(self, signum: int, step: int, out_dir: str):
+    def __init__(self, signum: int, step: int, out_dir: str, saved: bool = True):
         self.signum = signum
         name = signal.Signals(signum).name
-        super().__init__(
-            f"training interrupted by {name} at step {step}; a checkpoint is saved in {out_dir}, "
-            "so running the same command again continues from there"
+        then = (
+            f"a checkpoint is saved in {out_dir}, so running the same command again continues from there"
+            if saved
+            else "this way of training keeps no checkpoints, so running the same command again starts over"
         )
+        super().__init__(f"training interrupted by {name} at step {step}; {then}")
 
     @property
     def exit_code(self) -> int:

@@ -211,3 +211,34 @@ def test_a_run_whose_every_update_is_skipped_stops_diverged_with_strict_json(tmp
     metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_constants)
     assert metrics["status"] == "diverged" and metrics["skipped_updates"] >= 5
     assert metrics["final"]["train/loss"] is None and "final.train/loss" in metrics["non_finite"]
+
+
+@pytest.mark.parametrize("how", ["rank 0 killed", "ctrl-c"])
+def test_a_pipeline_whose_rank_0_dies_or_that_is_interrupted_never_stays_running(how, tmp_path):
+    """Rank 0 writes the run folder. Killed, it cannot: the rank that survives records the
+    failure. On Ctrl-C (SIGINT to every rank, as a terminal sends it) rank 0 records it."""
+    from tests.test_pipeline import spawn, stop
+
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    procs = spawn(2, {"steps": 10**6, "timeout": 5, "out": str(folder), "eval_every": 10**6}, logs)
+    try:
+        deadline = time.monotonic() + 90
+        while not all("stage" in (logs / f"{r}.log").read_text() for r in (0, 1)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # well into training
+        if how == "rank 0 killed":
+            procs[0].kill()
+        else:
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=30) for p in procs]
+    finally:
+        stop(procs)
+    metrics = read_metrics(folder)
+    if how == "rank 0 killed":
+        assert codes[1] == 1 and metrics["status"] == "failed", (codes, metrics["status"])
+        assert metrics["error"].startswith("rank 1: stage 1") and "crashed" in metrics["error"]
+    else:
+        assert codes[0] != 0 and metrics["status"] == "interrupted", (codes, metrics["status"])
+        assert "training interrupted by SIGINT at step" in metrics["error"]

@@ -43,15 +43,16 @@ class PipelineError(DNIError):
     """A pipeline stage lost a peer: it crashed, stalled, or the network failed."""
 
 
-# Threads that may sit in a blocking gloo or NCCL call, and whether this process's run failed.
+# Threads that may sit in a blocking gloo or NCCL call, and the exit status of a failed run.
 _threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-_failed = False
+_failed: int | None = None
 
 
-def mark_failed() -> None:
-    """This process's pipeline run failed: at exit, leave at once (see `_leave_at_once`)."""
+def mark_failed(exit_code: int = 1) -> None:
+    """This process's pipeline run failed: at exit, leave at once with `exit_code` (see
+    `_leave_at_once`; 130 or 143 after a signal)."""
     global _failed
-    _failed = True
+    _failed = exit_code
 
 
 @atexit.register
@@ -59,12 +60,13 @@ def _leave_at_once() -> None:
     """After a failure, a communication thread may still be blocked in C++ waiting for a peer
     that is alive; should its call return while the interpreter is finalizing, the thread is
     unwound through C++ frames and the process aborts (SIGABRT, "terminate called without an
-    active exception"). Leave with status 1 instead, once logs and streams are flushed."""
-    if _failed and any(t.is_alive() for t in list(_threads)):
+    active exception"). Leave with the failure's status instead, once logs and streams are
+    flushed."""
+    if _failed is not None and any(t.is_alive() for t in list(_threads)):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(_failed)
 
 
 def finish(work: dist.Work, timeout: float, nccl: bool) -> None:

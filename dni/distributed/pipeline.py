@@ -20,9 +20,12 @@ environment torchrun sets. With one process (no torchrun) it runs a single stage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
@@ -37,9 +40,10 @@ from tqdm.auto import tqdm
 from dni.distributed.links import Inbox, Link, Outbox, mark_failed, pair_groups
 from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
-from dni.errors import ConfigError, Divergence
+from dni.errors import ConfigError, Divergence, FolderInUse, Interrupted
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.synthesizers import OracleSynthesizer
+from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Task, Trainer
 
 log = logging.getLogger(__name__)
@@ -127,11 +131,16 @@ class Pipeline:
         if world > 1:
             _check_agreement(_fingerprint(method, data, trainer, boundaries, self.staleness, hparams))
             out_dir = _agree_on_folder(Path(out_dir), rank)
+        out_dir = Path(out_dir)
         try:
-            run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
-            result = run.train(Path(out_dir), scheduler, hparams)
-        except BaseException:
-            mark_failed()  # its links may still be blocked on live peers: see `links._leave_at_once`
+            with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext(), _Signals() as signals:
+                run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
+                result = run.train(out_dir, scheduler, hparams, signals)
+        except BaseException as error:
+            # Its links may still be blocked on live peers: see `links._leave_at_once`.
+            mark_failed(getattr(error, "exit_code", 1))
+            if rank > 0:
+                _record_if_rank0_is_gone(out_dir, f"rank {rank}: {error}")
             raise
         if owns_group:  # only after success: a failed rank exits and its peers see it at once
             dist.barrier()
@@ -146,6 +155,46 @@ class Pipeline:
                 f"parallel.backend={wanted} (or auto)"
             )
         return wanted
+
+
+class _Signals:
+    """SIGINT and SIGTERM stop a rank at once, as a `KeyboardInterrupt` that remembers which
+    signal it was: a pipeline keeps no checkpoint, so there is no step boundary to wait for."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exception: object) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _record_if_rank0_is_gone(out_dir: Path, message: str) -> None:
+    """Rank 0 records the run; when it died (killed, out of memory) it could not, and the
+    run folder would say "running" forever. Its lock on the folder tells: the kernel dropped
+    it with the process. Then this surviving rank writes the failure, unless rank 0 managed to
+    write an end of its own first (its status is no longer "running")."""
+    if not (out_dir / METRICS_FILE).is_file():  # not a folder this machine shares with rank 0
+        return
+    try:
+        with folder_lock(out_dir):
+            previous = read_metrics(out_dir) or {}
+            if previous.get("status", "running") == "running":
+                write_json(out_dir / METRICS_FILE, {**previous, "status": "failed", "error": message})
+    except (FolderInUse, OSError):  # rank 0 is alive and records the run; or the disk is full
+        pass
 
 
 def _check_method(method: Any) -> None:
@@ -300,7 +349,7 @@ class _StageRun:
 
     # -- the schedule -------------------------------------------------------------------
     def train(
-        self, out_dir: Path, scheduler: Callable | None, hparams: dict[str, Any] | None
+        self, out_dir: Path, scheduler: Callable | None, hparams: dict[str, Any] | None, signals: _Signals
     ) -> dict[str, Any]:
         stage, clock = self.stage, self.clock
         if self.rank == 0:
@@ -336,6 +385,7 @@ class _StageRun:
                 out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
                 for s in schedulers:
                     s.step()
+                self.method.guard.end_step()
                 if not stage.last:
                     with clock.waiting("send"):
                         self.activations.send(out)
@@ -360,6 +410,11 @@ class _StageRun:
                 where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
                 self.record.summary("diverged", step, divergence=where)
             raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `_Signals`
+            interrupted = Interrupted(signals.signum or signal.SIGINT, step, str(out_dir), saved=False)
+            if self.record is not None:
+                self.record.summary("interrupted", step, error=str(interrupted))
+            raise interrupted from None
         except Exception as error:
             if self.record is not None:
                 self.record.summary("failed", step, error=str(error))
