@@ -159,3 +159,22 @@ def test_next_character_windows_hold_the_characters_before_their_label(tmp_path)
         # every window of this corpus is followed by the character that continues the cycle
         joined = "".join("abcd"[i] for i in [*window, label])
         assert joined in text * 3
+
+
+def test_block_lr_scale_slows_the_blocks_only_and_a_schedule_keeps_the_ratio(data):
+    model = FCN((24,), 10, depth=2, width=32)
+    method = DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, block_lr_scale=0.1)
+    blocks = [i.optimizer for i in method.interfaces]
+    assert [o.param_groups[0]["lr"] for o in blocks] == pytest.approx([1e-4, 1e-4])
+    assert method.head_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert all(
+        i.synthesizer_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3) for i in method.interfaces
+    )
+    schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, [1], gamma=0.1) for o in method.optimizers]
+    method.step(*next(batches(data, 1)))
+    for s in schedulers:
+        s.step()
+    assert blocks[0].param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert method.head_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="method.block_lr_scale=0"):
+        DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, block_lr_scale=0)

@@ -47,6 +47,8 @@ class DecoupledNeuralInterfaces(Method):
         guard: divergence checks shared by all interfaces.
         block_optimizer: builds the optimisers of the decoupled segments; defaults to
             `optimizer`, which the head always uses (the head learns from the true loss).
+        block_lr_scale: the segments' learning rate as a fraction of their optimiser's, so
+            blocks can move slower than the synthesizers that steer them and the head.
         warmup_steps, regression_steps: see `DNI`.
         true_targets: ablation (one process only): every synthesizer regresses towards the
             true `dL/dh_k` at its activation, through the blocks above at their current
@@ -69,6 +71,7 @@ class DecoupledNeuralInterfaces(Method):
         loss: str = "cross_entropy",
         guard: Guard | None = None,
         block_optimizer: OptimizerFactory | None = None,
+        block_lr_scale: float = 1.0,
         warmup_steps: int = 0,
         regression_steps: int = 1,
         true_targets: bool = False,
@@ -80,6 +83,8 @@ class DecoupledNeuralInterfaces(Method):
         self.num_classes = shapes[-1][0]
         cuts = _interface_positions(interfaces, len(model.blocks))
         p_updates = _per_interface("p_update", p_update, len(cuts))
+        if not block_lr_scale > 0:
+            raise ConfigError(f"method.block_lr_scale={block_lr_scale!r} is not allowed; it must be > 0")
         if forward_unlock and input_synthesizer is None:
             raise ConfigError("method.forward_unlock=true needs method.input_synthesizer to be set")
         synthesizer_optimizer = synthesizer_optimizer or optimizer
@@ -97,7 +102,7 @@ class DecoupledNeuralInterfaces(Method):
             interface = DNI(
                 segment,
                 m_k.to(device),
-                block_optimizer or optimizer,
+                _scaled(block_optimizer or optimizer, block_lr_scale),
                 synthesizer_optimizer,
                 p_update=p_updates[i],
                 scale=scale,
@@ -239,6 +244,20 @@ def _input_synthesizer(factory: SynthesizerFactory, shape: tuple, out_shape: tup
             "one cannot give; for a convolutional model make method.input_synthesizer a "
             "dni.synthesizers.ConvSynthesizer"
         ) from None
+
+
+def _scaled(factory: OptimizerFactory, scale: float) -> OptimizerFactory:
+    """`factory` with every parameter group's learning rate multiplied by `scale`."""
+    if scale == 1.0:
+        return factory
+
+    def build(params):
+        optimizer = factory(params)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+        return optimizer
+
+    return build
 
 
 def _segment(blocks: Sequence[nn.Module]) -> nn.Module:
