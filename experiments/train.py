@@ -87,6 +87,9 @@ def check_values(cfg: DictConfig) -> None:
         seed = OmegaConf.select(cfg, key)
         if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
             raise ConfigError(f"{key}={_show(seed)} is not allowed; give an integer in [0, 2**32)")
+    for key in ("control", "deterministic", "resume_accepts_changes"):
+        if not isinstance(cfg.get(key, False), bool):  # a string such as "abc" would count as true
+            raise ConfigError(f"{key}={_show(cfg.get(key))} is not allowed; give true or false")
     threads = cfg.threads
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise ConfigError(

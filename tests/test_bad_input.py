@@ -30,6 +30,7 @@ BAD_VALUES = {
     ),
     "threads < 1": (["threads=0"], "threads=0 is not allowed"),
     "seed not a number": (["seed=abc"], "seed=abc is not allowed"),
+    "switch not a boolean": (["control=abc"], "control=abc is not allowed; give true or false"),
     "setting of another method": (
         ["experiment=copy_lstm", "method=cdni"],
         "method.truncation is not a setting of the chosen method",
