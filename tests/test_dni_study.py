@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
 from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
+from experiments.train import run
+from tests.conftest import CONF, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)
@@ -178,3 +180,22 @@ def test_block_lr_scale_slows_the_blocks_only_and_a_schedule_keeps_the_ratio(dat
     assert method.head_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="method.block_lr_scale=0"):
         DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, block_lr_scale=0)
+
+
+@pytest.mark.parametrize("variant", sorted(p.stem for p in (CONF / "variant").glob("*.yaml")))
+def test_every_study_arm_runs_on_a_tiny_budget(variant, tmp_path):
+    cfg = compose_config(
+        "experiment=dni_study",
+        f"+variant={variant}",
+        "dataset=synthetic",
+        "dataset.num_train=256",
+        "dataset.num_test=64",
+        "model.depth=2",
+        "trainer.steps=4",
+        "trainer.batch_size=32",
+        "trainer.eval_every=4",
+        "trainer.diagnostics_every=2",
+        "device=cpu",
+    )
+    result = run(cfg, tmp_path)
+    assert result["status"] == "completed" and result["steps"] == 4
