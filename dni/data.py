@@ -106,15 +106,17 @@ def vision(name: str, root: str | os.PathLike | None = None, download: bool = Tr
             return cls(str(folder), train=train, download=True)
         except Exception as error:  # offline: urllib, HTTP and checksum errors all end here
             raise DataNotFoundError(
-                f"{class_name} is not under {folder} and could not be downloaded ({_short(error)}); "
+                f"{class_name} is not under {folder}{_missing(cls, folder)} and could not be downloaded "
+                f"({_short(error)}); "
                 f"set {ROOT_VARIABLE} or dataset.root to a folder holding {layout}"
             ) from None
 
     try:
         train, test = split(True), split(False)
     except RuntimeError:
+        missing = _missing(cls, folder)
         raise DataNotFoundError(
-            f"{class_name} is not under {folder} and download is off; set {ROOT_VARIABLE} or "
+            f"{class_name} is not under {folder}{missing} and download is off; set {ROOT_VARIABLE} or "
             f"dataset.root to a folder holding {layout}, or set dataset.download=true"
         ) from None
     x_train, x_test = _as_float_images(train.data), _as_float_images(test.data)
@@ -144,6 +146,16 @@ def check_files(name: str, cls: type, folder: Path) -> None:
         integrity.check_sums(
             folder / cls.base_folder, integrity.published(listed, "md5", "torchvision's checksums")
         )
+
+
+def _missing(cls: type, folder: Path) -> str:
+    """ " (missing <files>)" when only some of a data set's files are there, else ""."""
+    if hasattr(cls, "train_list"):  # CIFAR-10
+        expected = [folder / cls.base_folder / f for f, _ in cls.train_list + cls.test_list]
+    else:  # MNIST's layout
+        expected = [folder / cls.__name__ / "raw" / f for f in integrity.IDX_FILES]
+    missing = [path.name for path in expected if not path.is_file()]
+    return f" (missing {', '.join(missing)})" if 0 < len(missing) < len(expected) else ""
 
 
 def synthetic(

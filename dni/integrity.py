@@ -35,7 +35,7 @@ MNIST_SHA256 = {
 }
 
 # MNIST and Fashion-MNIST: file stem -> (IDX magic number, shape the file must hold).
-_IDX_FILES = {
+IDX_FILES = {
     "train-images-idx3-ubyte": (0x803, (60000, 28, 28)),
     "train-labels-idx1-ubyte": (0x801, (60000,)),
     "t10k-images-idx3-ubyte": (0x803, (10000, 28, 28)),
@@ -56,7 +56,7 @@ def published(digests: dict[str, str], algorithm: str, source: str) -> Known:
 def check_idx_folder(folder: Path, name: str, known: Known | None = None) -> None:
     """Check the MNIST-layout files present in `folder` (missing ones are the downloader's
     business): header, shape, size and label range, then known checksums; raise `DataError`."""
-    for stem in _IDX_FILES:
+    for stem in IDX_FILES:
         if (folder / stem).is_file():
             check_idx_file(folder / stem, name)
     check_sums(folder, known or {})
@@ -65,7 +65,7 @@ def check_idx_folder(folder: Path, name: str, known: Known | None = None) -> Non
 def check_idx_file(path: Path, name: str) -> None:
     """One IDX file of MNIST's layout: the header's magic number and shape, the file's size,
     and for labels that every label is a class (0-9)."""
-    magic, shape = _IDX_FILES[path.name]
+    magic, shape = IDX_FILES[path.name]
     kind = "images" if magic == 0x803 else "labels"
     header_size = 4 + 4 * len(shape)
     size = path.stat().st_size

@@ -12,7 +12,7 @@ import pytest
 
 from dni import integrity
 from dni.data import vision
-from dni.errors import DataError
+from dni.errors import DataError, DataNotFoundError
 from tests.conftest import data_root, run_cli
 
 RAW = data_root() / "MNIST" / "raw"
@@ -86,6 +86,16 @@ def test_damaged_mnist_file_is_one_sentence_naming_it(damage, tmp_path, monkeypa
     assert f"{path} {problem}" in text, text
     assert text.endswith("restore the original file, or delete it so that it is downloaded again")
     assert "\n" not in text and ". " not in text
+
+
+def test_a_missing_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = _copy_of_mnist(tmp_path)
+    (raw / FILES[1]).unlink()
+    with pytest.raises(
+        DataNotFoundError, match=rf"MNIST is not under {tmp_path / 'data'} \(missing {FILES[1]}\)"
+    ):
+        vision("mnist", tmp_path / "data", download=False)
 
 
 def test_a_truncated_file_on_the_command_line_is_named_not_reported_missing(tmp_path):
