@@ -1,4 +1,15 @@
-"""Shared fixtures: the offline data root, config composition, and running the CLI."""
+"""Shared fixtures: the offline data root, config composition, and running the CLI.
+
+Kernel sets: `DNI_KERNELS=native|avx2|portable` pins the math kernels (MKL, oneDNN and
+ATen's vectorised CPU code) for the whole session, including the runs the tests start in
+subprocesses. Learning tests follow a rounding trajectory that differs from one CPU to the
+next; pinning a set reproduces another machine's kind of trajectory here, e.g.
+
+    DNI_KERNELS=portable python -m pytest -m slow
+
+`native` (the default) leaves the environment as it is. The libraries read these variables
+once, when torch is imported, so the switch must act before that.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,36 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
+KERNELS = {
+    "native": {},
+    "avx2": {"MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "portable": {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"},
+}
+
+
+def _pin_kernels() -> tuple[str, str | None]:
+    """Sets the chosen kernel set's variables; returns its name and what went wrong, if
+    anything (reported by `pytest_configure`, where pytest shows it as one sentence)."""
+    name = os.environ.get("DNI_KERNELS", "native")
+    if name not in KERNELS:
+        return name, f"DNI_KERNELS={name} is not a kernel set: use native, avx2 or portable."
+    wanted = KERNELS[name]
+    if "torch" in sys.modules and any(os.environ.get(k) != v for k, v in wanted.items()):
+        settings = " ".join(f"{k}={v}" for k, v in wanted.items())
+        return name, (
+            f"DNI_KERNELS={name} came too late: torch was imported before the tests' conftest "
+            f"(by a plugin or the calling process), so set {settings} in the environment instead."
+        )
+    os.environ.update(wanted)  # before torch is imported, and inherited by subprocesses
+    return name, None
+
+
+KERNEL_SET, KERNEL_PROBLEM = _pin_kernels()
+
+import torch  # noqa: E402  (after the kernel set is pinned)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -82,3 +120,23 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def pytest_configure(config):
+    if KERNEL_PROBLEM:
+        raise pytest.UsageError(KERNEL_PROBLEM)
+
+
+def pytest_report_header(config):
+    pinned = " ".join(f"{k}={v}" for k, v in KERNELS[KERNEL_SET].items())
+    return f"kernels: {KERNEL_SET} {pinned} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each learning test's measured value against its bound (tests/helpers.py)."""
+    from tests.helpers import MARGINS
+
+    if MARGINS:
+        terminalreporter.section(f"learning-test margins, kernels: {KERNEL_SET}")
+        for line in MARGINS:
+            terminalreporter.write_line(line)
