@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dni.distributed.links import Inbox, Link, Outbox, mark_failed, pair_groups
+from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_failed, pair_groups
 from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import ConfigError, Divergence, FolderInUse, Interrupted
@@ -49,6 +50,7 @@ from dni.training import Task, Trainer
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
+_LOCK_GRACE_S = 3.0
 
 
 class Pipeline:
@@ -140,7 +142,9 @@ class Pipeline:
             # Its links may still be blocked on live peers: see `links._leave_at_once`.
             mark_failed(getattr(error, "exit_code", 1))
             if rank > 0:
-                _record_if_rank0_is_gone(out_dir, f"rank {rank}: {error}")
+                # A lost peer may be rank 0 dying: its lock goes only once all its files are closed.
+                grace = _LOCK_GRACE_S if isinstance(error, PipelineError) else 0.0
+                _record_if_rank0_is_gone(out_dir, f"rank {rank}: {error}", grace)
             raise
         if owns_group:  # only after success: a failed rank exits and its peers see it at once
             dist.barrier()
@@ -181,20 +185,28 @@ class _Signals:
                 signal.signal(signum, handler)
 
 
-def _record_if_rank0_is_gone(out_dir: Path, message: str) -> None:
+def _record_if_rank0_is_gone(out_dir: Path, message: str, grace_s: float) -> None:
     """Rank 0 records the run; when it died (killed, out of memory) it could not, and the
-    run folder would say "running" forever. Its lock on the folder tells: the kernel dropped
-    it with the process. Then this surviving rank writes the failure, unless rank 0 managed to
-    write an end of its own first (its status is no longer "running")."""
+    run folder would say "running" forever. Its lock on the folder tells: the kernel drops it
+    with the process (within `grace_s`, as the dying process's files are closed). Then this
+    surviving rank writes the failure, unless rank 0 managed to write an end of its own first
+    (its status is no longer "running")."""
     if not (out_dir / METRICS_FILE).is_file():  # not a folder this machine shares with rank 0
         return
-    try:
-        with folder_lock(out_dir):
-            previous = read_metrics(out_dir) or {}
-            if previous.get("status", "running") == "running":
-                write_json(out_dir / METRICS_FILE, {**previous, "status": "failed", "error": message})
-    except (FolderInUse, OSError):  # rank 0 is alive and records the run; or the disk is full
-        pass
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            with folder_lock(out_dir):
+                previous = read_metrics(out_dir) or {}
+                if previous.get("status", "running") == "running":
+                    write_json(out_dir / METRICS_FILE, {**previous, "status": "failed", "error": message})
+            return
+        except FolderInUse:  # rank 0 is alive (it records the run), or not quite gone yet
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        except OSError:  # a full disk: the error still reaches this rank's log
+            return
 
 
 def _check_method(method: Any) -> None:
