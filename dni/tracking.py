@@ -69,7 +69,7 @@ class Tracker:
         found: list[str] = []
         metrics = strict(metrics, "", found)
         if found:
-            metrics["non_finite"] = found
+            metrics["non_finite"] = list(dict.fromkeys(found))  # a history names its tag once
         write_json(self.out_dir / METRICS_FILE, metrics)
         return metrics
 
