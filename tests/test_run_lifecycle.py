@@ -63,7 +63,10 @@ def test_a_second_run_into_a_busy_folder_stops_naming_the_process_that_holds_it(
     folder = tmp_path / "run"
     first = _start([*LONG, "trainer.steps=1000000"], folder)
     try:
-        _read_until(first, "writing to")  # it holds the folder and has written .hydra/
+        deadline = time.monotonic() + 120
+        while (read_metrics(folder) or {}).get("status") != "running":  # .hydra/ is written by then
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.05)
         config = (folder / ".hydra" / "config.yaml").read_bytes()
 
         second = run_cli(*LONG, "trainer.steps=10", "seed=1", f"hydra.run.dir={folder}")
