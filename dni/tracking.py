@@ -160,13 +160,14 @@ def lock_folder(out_dir: str | os.PathLike) -> Path:
             f"the run folder {folder} is in use by {holder}; wait for that run to end or stop it, "
             "or write into another folder"
         ) from None
-    previous = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
-    if previous:  # a run that ended normally leaves the file empty
-        log.warning("took over the lock of %s, which ended without giving it back", previous)
+    except OSError as error:  # a file system without locks (some network mounts): go on unguarded
+        log.warning("cannot lock the run folder %s (%s); nothing stops a second run there", folder, error)
+    else:
+        previous = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+        if previous:  # a run that ended normally leaves the file empty
+            log.warning("took over the lock of %s, which ended without giving it back", previous)
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    if not _held:
-        atexit.register(_unlock_all)  # a hold kept until the process ends is given back too
     _held[folder] = [descriptor, 1]
     return folder
 
@@ -184,7 +185,10 @@ def unlock_folder(folder: Path) -> None:
         os.close(held[0])  # closing the last descriptor releases the flock
 
 
+@atexit.register
 def _unlock_all() -> None:
+    """A hold kept until the process ends (the runner's) is given back too, leaving the lock
+    file empty: only a run that died leaves its name there."""
     for folder in list(_held):
         _held[folder][1] = 1
         unlock_folder(folder)
