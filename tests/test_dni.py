@@ -25,6 +25,7 @@ from dni import (
 from dni.errors import ConfigError
 from experiments.train import run
 from tests.conftest import compose_config, read_scalars
+from tests.helpers import assert_above, assert_below
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)
@@ -59,12 +60,14 @@ def test_oracle_step_gives_backprops_parameter_gradients(data, interfaces):
         assert torch.allclose(p, q, atol=1e-6), name  # and the same update
 
 
+@pytest.mark.learning
 def test_oracle_training_follows_backprops_losses(data):
     dni, bprop = twin_methods()
     losses = [(dni.step(x, y)["loss"].item(), bprop.step(x, y)["loss"].item()) for x, y in batches(data, 20)]
     for ours, theirs in losses:
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
-    assert losses[-1][0] < losses[0][0] - 0.1  # it did train
+    # it did train, so the comparison means something
+    assert_below("oracle DNI loss, last step / first", losses[-1][0] / losses[0][0], 0.9)
 
 
 @pytest.mark.parametrize(
@@ -164,6 +167,7 @@ def test_eval_mode_interface_is_just_the_block():
     assert torch.equal(interface(x), block(x)) and interface(x).requires_grad
 
 
+@pytest.mark.learning
 def test_interface_in_a_plain_loop_learns(data):
     """The README's example: interfaces in a user's own loop, no runner involved."""
     torch.manual_seed(0)
@@ -184,10 +188,11 @@ def test_interface_in_a_plain_loop_learns(data):
         for interface in interfaces:
             h = interface.eval()(h)
         error = (head(h).argmax(1) != data.y_test).float().mean().item()
-    assert error < 0.3, error
+    assert_below("interfaces in a plain loop, synthetic test error", error, 0.3)
     assert all(i.stats["loss"] > 0 for i in interfaces)
 
 
+@pytest.mark.learning
 def test_forward_unlocking_trains(data):
     torch.manual_seed(0)
     model = FCN((24,), 10, depth=3, width=32)
@@ -200,8 +205,9 @@ def test_forward_unlocking_trains(data):
     for _step, (x, y) in enumerate(batches(data, 300)):
         out = method.step(x, y)
         first = first or {k: v.item() for k, v in out.items()}
-    assert out["sg/input_loss/block2"] < 0.5 * first["sg/input_loss/block2"]
-    assert data.evaluate(model)["error"] < 0.3
+    ratio = out["sg/input_loss/block2"] / first["sg/input_loss/block2"]
+    assert_below("forward unlocking, input synthesizer loss last / first", ratio, 0.5)
+    assert_below("forward unlocking, synthetic test error", data.evaluate(model)["error"], 0.3)
 
 
 def test_cnn_interfaces_use_conv_synthesizers():
@@ -249,6 +255,7 @@ def test_cdni_learns_mnist_and_its_last_synthesizer_aligns(mnist, tmp_path, monk
         "device=cpu",
     )
     result = run(cfg, tmp_path)
-    assert result["test_error"] <= 0.04, result["test_error"]
+    assert_below("cDNI MNIST test error, 1500 steps", result["test_error"], 0.04)
     cosines = [value for _, value in read_scalars(tmp_path)["sg/cosine/block3"]]
-    assert cosines[0] == 0.0 and max(cosines) > 0.5, cosines  # zero-initialised, then aligned
+    assert cosines[0] == 0.0, cosines  # zero-initialised,
+    assert_above("cDNI last synthesizer cosine, best of the run", max(cosines), 0.5)  # then aligned

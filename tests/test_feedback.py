@@ -14,6 +14,7 @@ from dni.methods import Backprop, BackwardNetwork, DirectFeedbackAlignment, Feed
 from dni.models import FCN
 from experiments.train import run
 from tests.conftest import compose_config, read_scalars
+from tests.helpers import assert_above, assert_below
 
 FEEDBACK = {"backward_net": BackwardNetwork, "fa": FeedbackAlignment, "dfa": DirectFeedbackAlignment}
 # (batch_norm, activation): the plain linear network, ReLU, and the paper's Linear-BN-ReLU.
@@ -74,6 +75,7 @@ def test_backward_net_gradients_equal_autograd(loss, layers, bias):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.learning
 def test_backward_net_follows_backprop_losses_with_adam():
     """In float32 with Adam (the experiments' optimiser), 40 steps of the backward network and
     of backprop from the same weights give the same losses to float tolerance."""
@@ -83,7 +85,8 @@ def test_backward_net_follows_backprop_losses_with_adam():
     for x, y in batches(40, torch.float32, batch=64):
         ours.append(method.step(x, y)["loss"].item())
         theirs.append(reference.step(x, y)["loss"].item())
-    assert ours[-1] < 0.8 * ours[0]  # it trained, so the comparison means something
+    # it trained, so the comparison means something
+    assert_below("backward network loss, last step / first", ours[-1] / ours[0], 0.8)
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
 
 
@@ -214,15 +217,16 @@ def test_non_positive_feedback_scale_is_one_clear_error():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fa", "dfa"])
 def test_feedback_alignment_learns_mnist(method, mnist, tmp_path, monkeypatch):
-    """The FCN experiment, shortened to 300 steps and without its twin: at most 6% test error
-    (the issue asks for 10%), and every block's weight gradient has a positive cosine to the
-    true gradient once training has started."""
+    """The FCN experiment, shortened to 500 steps and without its twin: below 6% test error
+    (the issue asks for 10%), and every block's weight gradient has a cosine above 0.1 to the
+    true gradient once training has started. (After 300 steps fa and dfa were at 4.2-4.5%
+    under every kernel set; 500 steps buy the bound a wider margin for about 4 s.)"""
     monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
     cfg = compose_config(
         "experiment=mnist_fcn_feedback",
         f"method={method}",
-        "trainer.steps=300",
-        "trainer.eval_every=300",
+        "trainer.steps=500",
+        "trainer.eval_every=500",
         "trainer.diagnostics_every=100",
         "control=false",
         "threads=1",
@@ -230,8 +234,12 @@ def test_feedback_alignment_learns_mnist(method, mnist, tmp_path, monkeypatch):
         "device=cpu",
     )
     result = run(cfg, tmp_path)
-    assert result["status"] == "completed" and result["test_error"] <= 0.06, result["test_error"]
+    assert result["status"] == "completed"
+    assert_below(f"{method} MNIST test error, 500 steps", result["test_error"], 0.06)
     scalars = read_scalars(tmp_path)
-    for k in range(1, 5):
+    for k in range(1, 4):
         (step, cosine), *_ = scalars[f"align/cosine/block{k}"][-1:]
-        assert step > 1 and cosine > 0.1, (k, cosine)
+        assert step > 1
+        assert_above(f"{method} gradient cosine, block {k}", cosine, 0.1)
+    (_, head), *_ = scalars["align/cosine/block4"][-1:]
+    assert head == pytest.approx(1.0)  # the head learns from the true error under either rule

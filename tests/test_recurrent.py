@@ -17,6 +17,7 @@ from dni.tasks import copy as copy_task
 from dni.tasks import text
 from experiments.train import run
 from tests.conftest import compose_config, data_root, read_scalars
+from tests.helpers import assert_below
 
 SGD = partial(torch.optim.SGD, lr=0.1)
 ADAM = partial(torch.optim.Adam, lr=1e-3)
@@ -134,30 +135,43 @@ def test_mistakes_are_one_clear_sentence():
 
 @pytest.mark.slow
 def test_dni_learns_a_copy_longer_than_its_truncation():
-    """Copy of N = 2 two-bit vectors (a sequence of 5) with T = 2: every vector is recalled
+    """Copy of N = 2 four-bit vectors (a sequence of 5) with T = 2: every vector is recalled
     across at least one boundary that no gradient of truncated BPTT crosses. From the same
-    start, on the same batches, 600 steps: DNI gets below 0.15 bits per output step (the
-    curriculum's threshold); truncated BPTT, left to what the state keeps by chance, stays
-    above 0.4."""
-    losses = {}
+    start, on the same batches, 1500 steps: DNI ends with less than half truncated BPTT's
+    held-out loss (bits per output step; a uniform guess is 4).
+
+    Measured over seeds and kernel sets, DNI ended 3.4-17 times below BPTT. The setting is
+    chosen for that margin: with two-bit vectors, a smaller budget or a constant learning rate
+    the gap depends on the rounding trajectory (600 steps of the two-bit task: DNI 0.05 bits
+    with AVX2 kernels, 0.31 with the portable ones, 0.29 on an AVX-512 CPU), and truncated
+    BPTT, given time, solves the two-bit task by what the state keeps by chance."""
+    steps, losses = 1500, {}
     for name, synthesizer in (("dni", LinearSynthesizer), ("bptt", None)):
-        task = copy_task(bits=2, min_length=2, max_length=2)
+        task = copy_task(bits=4, min_length=2, max_length=2)
         torch.manual_seed(1)
-        model = LSTMNet(task.input_shape, task.num_classes, hidden_size=16)
+        model = LSTMNet(task.input_shape, task.num_classes, hidden_size=32)
         torch.manual_seed(0)
         method = RecurrentDNI(model, partial(torch.optim.Adam, lr=1e-2), 2, synthesizer, clip_norm=1.0)
+        # Annealed to a tenth, so that neither run ends on one of Adam's spikes at 1e-2.
+        schedulers = [
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, steps, eta_min=1e-3) for o in method.optimizers
+        ]
         batches = task.batches(32, seed=0)
-        for _ in range(600):
+        for _ in range(steps):
             method.step(*next(batches))
+            for scheduler in schedulers:
+                scheduler.step()
         losses[name] = task.evaluate(model)["loss"]
-    assert losses["dni"] < 0.15 < 0.4 < losses["bptt"], losses
+    dni, bptt = losses["dni"], losses["bptt"]
+    assert_below(f"copy: DNI {dni:.3f} / truncated BPTT {bptt:.3f} bits", dni / bptt, 0.5)
 
 
 @pytest.mark.slow
 def test_character_model_learns_tiny_shakespeare():
-    """DNI + Aux with T = 5 on Tiny Shakespeare, 150 steps of 32 x 40 characters (~8 s):
+    """DNI + Aux with T = 5 on Tiny Shakespeare, 200 steps of 32 x 40 characters (~10 s):
     below 3.3 bits per character on the first 20,000 held-out characters (a uniform guess
-    is log2(65) = 6.02, a unigram model about 4.6)."""
+    is log2(65) = 6.02, a unigram model about 4.6). It ends near 2.98; other seeds and kernel
+    sets moved that by about 0.03 (after 150 steps it was 3.03-3.05, too close to the bound)."""
     root = data_root()
     if not (root / "tinyshakespeare" / "input.txt").is_file():
         pytest.skip(f"Tiny Shakespeare is not under {root}; set DNI_DATA_ROOT")
@@ -169,10 +183,10 @@ def test_character_model_learns_tiny_shakespeare():
         model, adam, 5, LinearSynthesizer, scale=0.1, aux=True, carry_state=True, clip_norm=1.0
     )
     batches = task.batches(32, seed=0)
-    for _ in range(150):
+    for _ in range(200):
         method.step(*next(batches))
     bpc = task.evaluate(model)["bpc"]
-    assert bpc < 3.3, bpc
+    assert_below("DNI + Aux Tiny Shakespeare bits per character", bpc, 3.3)
 
 
 def test_a_copy_run_resumes_exactly_and_logs_boundary_fidelity(tmp_path):
