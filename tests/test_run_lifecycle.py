@@ -90,6 +90,8 @@ def test_a_run_killed_before_its_first_checkpoint_logs_every_step_once_when_star
     killed.kill()
     killed.communicate()
     assert not checkpoint.checkpoints(folder)
+    logged = [s for s, _ in read_scalars(folder)["train/loss"]]
+    assert logged[:2] == [5, 10]  # on disk, and about to be logged again
 
     again = run_cli(*args, f"hydra.run.dir={folder}")  # the same command: a fresh start
     assert again.returncode == 0, again.stderr
