@@ -53,7 +53,7 @@ def save(out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
     except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
         raise CheckpointError(
-            f"cannot write the checkpoint {path}: {_reason(error)}; free space in {folder} "
+            f"cannot write the checkpoint {path}: {write_error_reason(error)}; free space in {folder} "
             "and run the same command again, or write the run into another folder"
         ) from None
     for old in checkpoints(out_dir)[:-keep] if keep > 0 else []:
@@ -190,7 +190,8 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _reason(error: BaseException) -> str:
+def write_error_reason(error: BaseException) -> str:
+    """Why a write failed, in words a user acts on ("the disk is full")."""
     code = getattr(error, "errno", None)
     if code == errno.ENOSPC:
         return "the disk is full"

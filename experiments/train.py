@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `
 
 from dni import checkpoint  # noqa: E402
 from dni.data import ClassificationData  # noqa: E402
-from dni.errors import ConfigError, DNIError, Interrupted  # noqa: E402
+from dni.errors import ConfigError, DNIError, Interrupted, RunFolderError  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
 from experiments.callbacks import RunFailed  # noqa: E402
@@ -359,11 +359,18 @@ def record_config(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None
     if int(os.environ.get("RANK", "0")) > 0 or cfg.get("parallel"):  # the pipeline keeps no checkpoints
         return
     folder = out_dir / checkpoint.FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     record = OmegaConf.create({"run": names, "config": _resolved(cfg)})
     temporary = folder / f"{TRAINED_CONFIG}.tmp"
-    OmegaConf.save(record, temporary)
-    os.replace(temporary, folder / TRAINED_CONFIG)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(record, temporary)
+        os.replace(temporary, folder / TRAINED_CONFIG)
+    except OSError as error:  # a full disk at start-up: one sentence, as for a checkpoint
+        temporary.unlink(missing_ok=True)
+        raise RunFolderError(
+            f"cannot write {folder / TRAINED_CONFIG}: {checkpoint.write_error_reason(error)}; free space "
+            f"in {folder} and run the same command again, or write the run into another folder"
+        ) from None
 
 
 def _resume_source(cfg: DictConfig, out_dir: Path) -> Path | None:

@@ -3,6 +3,7 @@ Ctrl-C and SIGTERM, a full disk, damaged checkpoints, and a run whose every upda
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dni import checkpoint
-from dni.errors import CheckpointError, Divergence
+from dni.errors import CheckpointError, Divergence, RunFolderError
 from dni.tracking import read_metrics
 from experiments.train import run
 from tests.conftest import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
@@ -165,6 +167,25 @@ runpy.run_path("experiments/train.py", run_name="__main__")
     checkpoint.verify(written / "step_000000010.pt")
     metrics = read_metrics(folder)
     assert metrics["status"] == "failed" and "the disk is full" in metrics["error"]
+
+
+def test_a_full_disk_at_start_up_is_one_sentence_naming_the_folder(tmp_path, monkeypatch):
+    """The config recorded beside the checkpoints is the run's first write there."""
+
+    def full_disk(config, path, *args, **kwargs):
+        Path(path).write_bytes(b"x" * 1000)  # part of it written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cfg = compose_config(*FAST)
+    monkeypatch.setattr(OmegaConf, "save", full_disk)
+    with pytest.raises(RunFolderError) as error:
+        run(cfg, tmp_path)
+    written = tmp_path / "checkpoints"
+    assert str(error.value) == (
+        f"cannot write {written / 'config.yaml'}: the disk is full; free space in {written} and run the "
+        "same command again, or write the run into another folder"
+    )
+    assert not any(written.iterdir())  # no config.yaml.tmp left behind
 
 
 def _flip(path: Path, count: int = 64) -> None:
