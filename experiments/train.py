@@ -12,6 +12,8 @@ Each run writes into its Hydra output folder: `.hydra/`, TensorBoard events,
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import logging
 import math
 import os
@@ -90,6 +92,7 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("control", "deterministic", "resume_accepts_changes"):
         if not isinstance(cfg.get(key, False), bool):  # a string such as "abc" would count as true
             raise ConfigError(f"{key}={_show(cfg.get(key))} is not allowed; give true or false")
+    check_switches(cfg)
     threads = cfg.threads
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise ConfigError(
@@ -104,6 +107,41 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={cfg.resume} does not exist; point it at a run folder or a step_*.pt checkpoint"
         )
+
+
+def check_switches(cfg: DictConfig) -> None:
+    """Every switch of a library object must be true or false: `model.bias=abc` would reach
+    the constructor as a string and count as true. A switch is an argument whose default is
+    true or false in the signature of its node's `_target_`, so each one is covered without a
+    list, including settings an experiment adds. A value that appears in several places (the
+    synthesizer, also under the method) is named where it is shallowest, as a user sets it."""
+    wrong = sorted(_wrong_switches(_resolved(cfg)), key=lambda found: found[0].count("."))
+    if wrong:
+        key, value = wrong[0]
+        raise ConfigError(f"{key}={_show(value)} is not allowed; give true or false")
+
+
+def _wrong_switches(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _wrong_switches(item, f"{prefix}{index}.")
+    elif isinstance(node, dict):
+        switches = _switches(node["_target_"]) if isinstance(node.get("_target_"), str) else set()
+        for key, value in node.items():
+            if key in switches and not isinstance(value, bool):
+                yield f"{prefix}{key}", value
+            yield from _wrong_switches(value, f"{prefix}{key}.")
+
+
+def _switches(target: str) -> set[str]:
+    """The arguments of `target` whose default is a bool; none when it cannot be found (the
+    build names that)."""
+    module, _, name = target.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):  # reported when it is built
+        return set()
+    return {p.name for p in parameters if isinstance(p.default, bool)}
 
 
 # Optimiser settings checked by name: (what it is, lowest allowed value, whether the lowest is allowed).

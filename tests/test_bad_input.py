@@ -31,6 +31,11 @@ BAD_VALUES = {
     "threads < 1": (["threads=0"], "threads=0 is not allowed"),
     "seed not a number": (["seed=abc"], "seed=abc is not allowed"),
     "switch not a boolean": (["control=abc"], "control=abc is not allowed; give true or false"),
+    "library switch not a boolean": (["model.bias=abc"], "model.bias=abc is not allowed; give true or false"),
+    "nested switch not a boolean": (
+        ["method=dni", "method.input_synthesizer.zero_init=abc"],
+        "method.input_synthesizer.zero_init=abc is not allowed; give true or false",
+    ),
     "setting of another method": (
         ["experiment=copy_lstm", "method=cdni"],
         "method.truncation is not a setting of the chosen method",
@@ -54,6 +59,15 @@ def test_bad_value_is_one_sentence_naming_the_key(case, tmp_path):
     text = str(error.value)
     assert message in text and "\n" not in text and ". " not in text, text
     assert read_metrics(tmp_path) is None
+
+
+def test_a_switch_found_in_two_places_is_named_as_the_user_set_it(tmp_path):
+    """The synthesizer is also resolved under the method; the sentence names the key typed."""
+    cfg = compose_config(
+        "debug=fast", "device=cpu", "method=dni", "synthesizer=mlp", "synthesizer.batch_norm=0"
+    )
+    with pytest.raises(DNIError, match=r"^synthesizer\.batch_norm=0 is not allowed; give true or false$"):
+        run(cfg, tmp_path)
 
 
 def test_output_folder_under_proc_is_named():
