@@ -35,3 +35,14 @@ def assert_below(name: str, value: float, bound: float) -> None:
 def assert_above(name: str, value: float, bound: float) -> None:
     """`value > bound`, recorded under `name`."""
     _check(name, float(value), bound, below=False)
+
+
+def batches(data, n: int, size: int = 64, seed: int = 0):
+    """`n` random training batches of `data` (a `ClassificationData`), the same for every call
+    with the same seed."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        index = torch.randint(len(data.y_train), (size,), generator=generator)
+        yield data.x_train[index], data.y_train[index]

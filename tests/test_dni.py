@@ -25,7 +25,7 @@ from dni import (
 from dni.errors import ConfigError
 from experiments.train import run
 from tests.conftest import compose_config, read_scalars
-from tests.helpers import assert_above, assert_below
+from tests.helpers import assert_above, assert_below, batches
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)
@@ -34,13 +34,6 @@ frozen = functools.partial(torch.optim.SGD, lr=0.0)
 @pytest.fixture
 def data():
     return synthetic(num_train=512, num_test=128, shape=(24,), separation=1.0)
-
-
-def batches(data, n, size=64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        index = torch.randint(len(data.y_train), (size,), generator=generator)
-        yield data.x_train[index], data.y_train[index]
 
 
 def twin_methods(depth=3, **dni_options):

@@ -16,7 +16,7 @@ from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
 from experiments.train import run
 from tests.conftest import CONF, compose_config
-from tests.helpers import assert_below
+from tests.helpers import assert_below, batches
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)
@@ -26,13 +26,6 @@ trained_linear = functools.partial(LinearSynthesizer, zero_init=False)
 @pytest.fixture
 def data():
     return synthetic(num_train=512, num_test=128, shape=(24,), separation=1.0)
-
-
-def batches(data, n, size=64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        index = torch.randint(len(data.y_train), (size,), generator=generator)
-        yield data.x_train[index], data.y_train[index]
 
 
 def same(a, b) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Iterator
+
+from torch import Tensor, nn
 
 from dni.guard import Guard
 from dni.interface import OptimizerFactory
@@ -23,11 +25,18 @@ class Backprop(Method):
         guard: Guard | None = None,
     ):
         super().__init__(model, loss, guard)
-        self.optimizers = [optimizer(model.parameters())]
+        self.optimizers = [optimizer(self.trained_parameters())]
+
+    def trained_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the loss trains: all of them."""
+        return self.model.parameters()
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.model(x)
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         (optimizer,) = self.optimizers
-        logits = self.model(x)
+        logits = self.logits(x)
         loss = self.loss(logits, y)
         if self.guard.finite("loss", loss):
             optimizer.zero_grad(set_to_none=True)

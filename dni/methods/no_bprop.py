@@ -7,17 +7,16 @@ rule that ends above this has made its hidden blocks worse than leaving them alo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
-from dni.guard import Guard
-from dni.interface import OptimizerFactory
-from dni.methods.base import Method
-from dni.models import BlockNet
+from dni.methods.bprop import Backprop
 
 
-class NoBackprop(Method):
-    """Trains `model.blocks[-1]` on the loss; the blocks below run forward only.
+class NoBackprop(Backprop):
+    """Backprop into `model.blocks[-1]` only; the blocks below run forward without a graph.
 
     BatchNorm layers of the hidden blocks still normalise with batch statistics in training
     mode (and keep their running averages), exactly as in a network whose blocks are
@@ -26,30 +25,18 @@ class NoBackprop(Method):
 
     name = "no_bprop"
 
-    def __init__(
-        self,
-        model: BlockNet,
-        optimizer: OptimizerFactory,
-        loss: str = "cross_entropy",
-        guard: Guard | None = None,
-    ):
-        super().__init__(model, loss, guard)
-        self.hidden, self.head = nn.Sequential(*model.blocks[:-1]), model.blocks[-1]
-        self.optimizers = [optimizer(self.head.parameters())]
+    def trained_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.blocks[-1].parameters()
 
-    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        (optimizer,) = self.optimizers
+    def logits(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            h = self.hidden(x)
-        logits = self.head(h)
-        loss = self.loss(logits, y)
-        if self.guard.finite("loss", loss):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return self._outputs(logits, y, loss)
+            for block in self.model.blocks[:-1]:
+                x = block(x)
+        return self.model.blocks[-1](x)
 
     def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Zero for every hidden parameter, the true gradient for the classifier's."""
-        head = {f"blocks.{len(self.model.blocks) - 1}.{n}" for n, _ in self.head.named_parameters()}
+        head = {
+            f"blocks.{len(self.model.blocks) - 1}.{n}" for n, _ in self.model.blocks[-1].named_parameters()
+        }
         return {n: g if n in head else torch.zeros_like(g) for n, g in self.true_gradients(x, y).items()}
