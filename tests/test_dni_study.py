@@ -214,3 +214,9 @@ def test_shipped_dni_beats_no_bprop_at_depth_4(mnist, tmp_path, monkeypatch):
         errors[method] = run(cfg, tmp_path / method)["test_error"]
     # DNI must end clearly below the floor: at most 70% of No-Bprop's error.
     assert_below("DNI / No-Bprop test error, MNIST FCN-4, 800 steps", errors["dni"] / errors["no_bprop"], 0.7)
+
+
+def test_long_schedule_is_the_papers_scaled_down_tenfold():
+    cfg = compose_config("method=dni", "schedule=long")
+    assert cfg.trainer.steps == 50_000 and cfg.optim.lr == 1e-3 and cfg.trainer.batch_size == 256
+    assert list(cfg.scheduler.milestones) == [30_000, 40_000] and cfg.trainer.checkpoint_every == 2500
