@@ -117,6 +117,10 @@ def test_settings_that_cannot_work_stop_with_one_sentence(tmp_path, monkeypatch)
         Pipeline(stages=2).fit(method, data, trainer, tmp_path)
     with pytest.raises(ConfigError, match="method=dni or method=cdni"):
         Pipeline().fit(Backprop(method.model, torch.optim.Adam), data, trainer, tmp_path)
+    method.true_targets = True  # the ablation needs the blocks above, which live on other ranks
+    with pytest.raises(ConfigError, match="method.true_targets=true needs the whole network"):
+        Pipeline().fit(method, data, trainer, tmp_path)
+    method.true_targets = False
     with pytest.raises(ConfigError, match="parallel.staleness"):
         Pipeline(staleness=-1)
     # Ranks started with different overrides would train on mismatched labels: refused.

@@ -220,6 +220,11 @@ def _check_method(method: Any) -> None:
             "the oracle synthesizer needs the whole network in one process; use synthesizer=linear "
             "(or mlp, conv) with parallel=pipeline"
         )
+    if method.true_targets:
+        raise ConfigError(
+            "method.true_targets=true needs the whole network in one process; set it to false "
+            "with parallel=pipeline"
+        )
 
 
 def _fingerprint(
