@@ -140,9 +140,10 @@ class DNI(nn.Module):
                 torch.autograd.backward(h, injected, inputs=wants)
             if update:
                 self.optimizer.step()
+        activation = h.detach()  # for further regression steps; the block's graph is not kept
         out = h.detach().requires_grad_()
         out.register_hook(
-            lambda delta: self._regress(g, delta if true_target is None else true_target, h, context)
+            lambda delta: self._regress(g, delta if true_target is None else true_target, activation, context)
         )
         return out
 
