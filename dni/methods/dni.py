@@ -91,7 +91,8 @@ class DecoupledNeuralInterfaces(Method):
         device = next(model.parameters()).device
 
         self.interfaces = nn.ModuleList()
-        self.downstream: list[Callable[[Tensor, Tensor], Tensor]] = []  # loss from each h_k on
+        # The true `B * dL/dh_k` at each interface, for the true-target ablation (by interface name).
+        self.oracles: dict[str, OracleSynthesizer] = {}
         starts = [0, *cuts]
         for i, (start, end) in enumerate(zip(starts[:-1], cuts)):
             segment = _segment(model.blocks[start:end])
@@ -113,11 +114,10 @@ class DecoupledNeuralInterfaces(Method):
                 warmup_steps=warmup_steps,
                 regression_steps=regression_steps,
             )
-            rest = self._downstream(_segment(model.blocks[end:]))
-            if isinstance(m_k, OracleSynthesizer):
-                m_k.attach(rest)
+            oracle = m_k if isinstance(m_k, OracleSynthesizer) else OracleSynthesizer(shapes[end - 1])
+            oracle.attach(self._downstream(_segment(model.blocks[end:])))
             self.interfaces.append(interface)
-            self.downstream.append(rest)
+            self.oracles[interface.name] = oracle
         self.cuts = cuts  # the block (1-based) after which each interface sits
         self.head = _segment(model.blocks[cuts[-1] :])
         self.head_optimizer = optimizer(self.head.parameters())
@@ -159,14 +159,8 @@ class DecoupledNeuralInterfaces(Method):
         `dL/dh` (batch-mean scale), through the blocks above at their current parameters."""
         if not self.true_targets:
             return None
-        downstream = self.downstream[list(self.interfaces).index(interface)]
-
-        def truth(h: Tensor) -> Tensor:
-            with torch.enable_grad():
-                h = h.detach().requires_grad_()
-                return torch.autograd.grad(downstream(h, labels), h)[0]
-
-        return truth
+        oracle = self.oracles[interface.name]
+        return lambda h: oracle(h, labels) / h.shape[0]  # the oracle predicts B * dL/dh
 
     def learn_head(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Train the head on the true loss; its gradient at `h` is the last interface's target."""
