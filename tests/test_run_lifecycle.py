@@ -240,7 +240,8 @@ def test_a_run_whose_every_update_is_skipped_stops_diverged_with_strict_json(tmp
 @pytest.mark.parametrize("how", ["rank 0 killed", "ctrl-c"])
 def test_a_pipeline_whose_rank_0_dies_or_that_is_interrupted_never_stays_running(how, tmp_path):
     """Rank 0 writes the run folder. Killed, it cannot: the rank that survives records the
-    failure. On Ctrl-C (SIGINT to every rank, as a terminal sends it) rank 0 records it."""
+    failure. On Ctrl-C (SIGINT to every rank, as a terminal sends it) rank 0 records it, even
+    when it sees its peer leave a moment before its own signal comes."""
     from tests.test_pipeline import spawn, stop
 
     folder, logs = tmp_path / "run", tmp_path / "logs"
@@ -252,9 +253,10 @@ def test_a_pipeline_whose_rank_0_dies_or_that_is_interrupted_never_stays_running
             time.sleep(0.05)
         if how == "rank 0 killed":
             procs[0].kill()
-        else:
-            for p in procs:
-                p.send_signal(signal.SIGINT)
+        else:  # the order that races: rank 1 leaves before rank 0's own signal comes
+            procs[1].send_signal(signal.SIGINT)
+            procs[1].wait(timeout=30)
+            procs[0].send_signal(signal.SIGINT)
         codes = [p.wait(timeout=30) for p in procs]
     finally:
         stop(procs)

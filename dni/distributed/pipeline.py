@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
 _LOCK_GRACE_S = 3.0
+# How long a rank that lost a peer waits for a stop signal of its own before calling it a failure.
+_SIGNAL_GRACE_S = 1.0
 
 
 class Pipeline:
@@ -178,6 +180,16 @@ class _Signals:
     def _raise(self, signum: int, frame: Any) -> None:
         self.signum = signum
         raise KeyboardInterrupt
+
+    def arrives(self, within_s: float) -> bool:
+        """Whether a stop signal has come, or comes within `within_s` seconds."""
+        deadline = time.monotonic() + within_s
+        try:
+            while self.signum is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # a pending handler runs here, between two bytecodes
+        except KeyboardInterrupt:
+            pass
+        return self.signum is not None
 
     def __exit__(self, *exception: object) -> None:
         for signum, handler in self._previous.items():
@@ -433,6 +445,12 @@ class _StageRun:
                 self.record.summary("interrupted", step, error=str(interrupted))
             raise interrupted from None
         except Exception as error:
+            if isinstance(error, PipelineError) and signals.arrives(_SIGNAL_GRACE_S):
+                # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
+                interrupted = Interrupted(signals.signum, step, str(out_dir), saved=False)
+                if self.record is not None:
+                    self.record.summary("interrupted", step, error=str(interrupted))
+                raise interrupted from None
             if self.record is not None:
                 self.record.summary("failed", step, error=str(error))
             raise
