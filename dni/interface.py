@@ -65,6 +65,12 @@ class DNI(nn.Module):
         regression_steps: optimiser steps of `M_k` on each target it receives (the first on
             the prediction that was injected, the others on fresh predictions at the same
             activation), letting the synthesizer keep up with a target that moves.
+        target_lambda: what the block sends down as the target of the interface below,
+            `J^T ((1 - lambda) g_hat + lambda delta)`: at 0 (the paper's DNI) its own injected
+            synthetic gradient, sent at once; above 0 also the target `delta` that arrives
+            here, so targets are lambda-returns as in TD(lambda) and at 1 equal the true
+            gradient. Sending waits for `delta`, through the block at its current parameters:
+            the synthesizers' learning (not the blocks') is then backward-locked.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class DNI(nn.Module):
         name: str = "block",
         warmup_steps: int = 0,
         regression_steps: int = 1,
+        target_lambda: float = 0.0,
     ):
         super().__init__()
         if not 0.0 <= p_update <= 1.0:
@@ -92,7 +99,10 @@ class DNI(nn.Module):
         ):
             if not isinstance(value, int) or value < least:
                 raise ConfigError(f"method.{key}={value!r} is not allowed; it must be an integer >= {least}")
+        if not 0.0 <= target_lambda <= 1.0:
+            raise ConfigError(f"method.target_lambda={target_lambda!r} is not allowed; it must lie in [0, 1]")
         self.warmup_steps, self.regression_steps = warmup_steps, regression_steps
+        self.target_lambda = float(target_lambda)
         self.steps_seen = 0  # training passes so far; saved by the method with its checkpoints
         self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
         self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
@@ -128,12 +138,14 @@ class DNI(nn.Module):
         g = self.synthesizer(h.detach(), context)
         true_target = truth(h.detach()) if truth is not None else None
         injected = self.injected(g)
+        # Under lambda-returns the target for the interface below leaves only once `delta` is here.
+        sends_later = x.requires_grad and self.target_lambda > 0
         self.stats["norm"] = injected.norm().detach()
         if self.guard.synthetic_gradient(injected, self.name):
             # Only the input needs a gradient when the block skips its update: it carries
             # the bootstrapped target down to the interface below.
             wants = list(self.block.parameters()) if update else []
-            if x.requires_grad:
+            if x.requires_grad and not sends_later:
                 wants.append(x)
             if wants:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -142,10 +154,22 @@ class DNI(nn.Module):
                 self.optimizer.step()
         activation = h.detach()  # for further regression steps; the block's graph is not kept
         out = h.detach().requires_grad_()
-        out.register_hook(
-            lambda delta: self._regress(g, delta if true_target is None else true_target, activation, context)
-        )
+
+        def arrived(delta: Tensor) -> None:
+            self._regress(g, delta if true_target is None else true_target, activation, context)
+            if sends_later:
+                self._send_down(x, injected, delta)
+
+        out.register_hook(arrived)
         return out
+
+    def _send_down(self, x: Tensor, injected: Tensor, delta: Tensor) -> None:
+        """Send `J^T ((1 - lambda) g_hat + lambda delta)` to the input `x` (the interface below),
+        through the block at its current parameters, without touching BatchNorm statistics."""
+        with torch.enable_grad():  # hooks run inside a backward pass, where grad mode is off
+            h = forward_without_stat_updates(self.block, x)
+            mixed = (1.0 - self.target_lambda) * injected + self.target_lambda * delta.detach()
+            torch.autograd.backward(h, mixed, inputs=[x])
 
     def draw_update(self) -> bool:
         """Whether the block applies its update this step: never during the warm-up, then
@@ -216,5 +240,6 @@ class DNI(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name}, p_update={self.p_update}, scale={self.scale}, "
-            f"warmup_steps={self.warmup_steps}, regression_steps={self.regression_steps}"
+            f"warmup_steps={self.warmup_steps}, regression_steps={self.regression_steps}, "
+            f"target_lambda={self.target_lambda}"
         )

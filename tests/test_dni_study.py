@@ -76,6 +76,46 @@ def test_true_targets_are_autograds_gradient_at_each_activation(data):
     assert torch.allclose(bootstrapped[-1], truths[-1], atol=1e-6)  # the last one is true either way
 
 
+def test_lambda_returns_at_1_are_the_true_targets_and_at_0_the_bootstrapped_ones(data):
+    """`target_lambda` mixes what arrives with the synthetic gradient; at 1 the targets are the
+    true gradients (as `true_targets` gives them), at 0 exactly the paper's bootstrapped ones,
+    and between, each lower target is the block's transpose applied to the mix."""
+    torch.manual_seed(1)
+    x, y = next(batches(data, 1))
+
+    def targets(**switch) -> tuple[list[torch.Tensor], DecoupledNeuralInterfaces]:
+        torch.manual_seed(2)
+        model = FCN((24,), 10, depth=3, width=32)
+        # Trained synthesizers, frozen: their predictions are not zero, and nothing moves.
+        method = DecoupledNeuralInterfaces(
+            model, frozen, trained_linear, synthesizer_optimizer=frozen, **switch
+        )
+        method.step(x, y)
+        return [i.last_target for i in method.interfaces], method
+
+    truths, _ = targets(true_targets=True)
+    for got, truth in zip(targets(target_lambda=1.0)[0], truths):
+        assert torch.allclose(got, truth, atol=1e-6)
+    bootstrapped, _ = targets()
+    assert all(torch.equal(a, b) for a, b in zip(targets(target_lambda=0.0)[0], bootstrapped))
+    assert not torch.allclose(bootstrapped[0], truths[0], atol=1e-3)
+
+    mixed, method = targets(target_lambda=0.25)
+    assert torch.allclose(mixed[-1], truths[-1], atol=1e-6)  # the head sends the true gradient
+    upper = method.interfaces[1]
+    h1 = forward_without_stat_updates(method.interfaces[0].block, x).detach().requires_grad_()
+    h2 = forward_without_stat_updates(upper.block, h1)
+    injected = upper.injected(forward_without_stat_updates(upper.synthesizer, h2.detach()))
+    (expected,) = torch.autograd.grad(h2, h1, 0.75 * injected + 0.25 * mixed[1] / len(x))
+    assert torch.allclose(mixed[0], expected * len(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_target_lambda_outside_0_1_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"method.target_lambda=.* must lie in \[0, 1\]"):
+        DecoupledNeuralInterfaces(FCN((24,), 10, depth=2, width=8), adam, LinearSynthesizer, target_lambda=value)
+
+
 def test_warmup_keeps_blocks_still_while_synthesizers_learn(data):
     model = FCN((24,), 10, depth=2, width=32)
     method = DecoupledNeuralInterfaces(model, adam, trained_linear, warmup_steps=3)

@@ -237,6 +237,11 @@ def _check_method(method: Any) -> None:
             "method.true_targets=true needs the whole network in one process; set it to false "
             "with parallel=pipeline"
         )
+    if method.target_lambda > 0:
+        raise ConfigError(
+            f"method.target_lambda={method.target_lambda} sends targets down through every stage in "
+            "one backward pass, which a pipeline does not do; set it to 0 with parallel=pipeline"
+        )
 
 
 def _fingerprint(

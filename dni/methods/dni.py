@@ -53,6 +53,9 @@ class DecoupledNeuralInterfaces(Method):
         true_targets: ablation (one process only): every synthesizer regresses towards the
             true `dL/dh_k` at its activation, through the blocks above at their current
             parameters, instead of the target bootstrapped from the synthesizer above.
+        target_lambda: targets as lambda-returns (see `DNI`): 0 bootstraps from the synthesizer
+            above (the paper), 1 gives the true gradient; between, the synthesizers' targets
+            mix both, each hop further up weighted by another factor lambda.
     """
 
     def __init__(
@@ -75,10 +78,11 @@ class DecoupledNeuralInterfaces(Method):
         warmup_steps: int = 0,
         regression_steps: int = 1,
         true_targets: bool = False,
+        target_lambda: float = 0.0,
     ):
         super().__init__(model, loss, guard)
         self.name = ("cdni" if conditioned else "dni") + ("_unlocked" if forward_unlock else "")
-        self.conditioned, self.true_targets = conditioned, true_targets
+        self.conditioned, self.true_targets, self.target_lambda = conditioned, true_targets, target_lambda
         shapes = model.activation_shapes()
         self.num_classes = shapes[-1][0]
         cuts = _interface_positions(interfaces, len(model.blocks))
@@ -113,6 +117,7 @@ class DecoupledNeuralInterfaces(Method):
                 name=f"block{end}",
                 warmup_steps=warmup_steps,
                 regression_steps=regression_steps,
+                target_lambda=target_lambda,
             )
             oracle = m_k if isinstance(m_k, OracleSynthesizer) else OracleSynthesizer(shapes[end - 1])
             oracle.attach(self._downstream(_segment(model.blocks[end:])))
