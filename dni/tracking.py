@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from dni.errors import FolderInUse
 
@@ -24,8 +25,20 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 LOCK_FILE = "run.lock"
-# Scalars the HPARAMS view compares across the runs of a sweep.
-HPARAM_METRICS = ("test/error", "test/loss")
+# The results the HPARAMS view compares across runs: a scalar tag each, written by
+# `write_metrics` (so at every checkpoint as well as at the end), and what its column shows.
+HPARAM_METRICS = {
+    "result/test_error": "test error (last evaluation)",
+    "result/best_test_error": "test error (best evaluation)",
+    "result/test_loss": "test loss (last evaluation)",
+    "result/steps": "training steps done",
+    "result/wall_time_s": "wall time (s)",
+    "result/status": "0 completed, 1 running, 2 interrupted, 3 diverged, 4 failed",
+}
+STATUS_CODES = {"completed": 0, "running": 1, "interrupted": 2, "diverged": 3, "failed": 4}
+# A hyperparameter one run of a sweep does not have (bprop has no method.p_update): every run
+# writes every key of its sweep, so the columns are the same for all.
+ABSENT = "n/a"
 
 
 class Tracker:
@@ -49,11 +62,20 @@ class Tracker:
             if history:
                 self.history.setdefault(tag, []).append([step, value])
 
-    def hparams(self, values: dict[str, Any]) -> None:
-        """Declare the run's hyperparameters for TensorBoard's HPARAMS view."""
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
-        for summary in hparams_summary(clean, {tag: math.nan for tag in HPARAM_METRICS}):
-            self.writer.file_writer.add_summary(summary)
+    def hparams(self, values: dict[str, Any], experiment: bool = True) -> None:
+        """Declare the run's hyperparameters for TensorBoard's HPARAMS view.
+
+        A run on its own also declares the experiment (its columns); the runs of a sweep
+        leave that to the sweep (`write_experiment` in the sweep's folder), which knows the
+        keys of every run and which of them were swept.
+        """
+        clean = {k: hparam_value(v) for k, v in values.items()}
+        if experiment:
+            self.writer.file_writer.add_summary(experiment_summary(hparam_infos([clean])))
+        start = plugin_data_pb2.SessionStartInfo()
+        for key, value in clean.items():
+            _set_value(start.hparams[key], value)
+        self.writer.file_writer.add_summary(_hparams_summary(session_start_info=start))
 
     def layout(self, charts: dict[str, list[str]]) -> None:
         """Several tags on one chart each (e.g. a method and its backprop control)."""
@@ -66,12 +88,34 @@ class Tracker:
         `non_finite` lists where they were (e.g. `test_loss`, `final.test/loss`).
         """
         metrics = {"status": status, **self.info, **extra, "final": self.last, "history": self.history}
+        self._results(status, extra)
         found: list[str] = []
         metrics = strict(metrics, "", found)
         if found:
             metrics["non_finite"] = list(dict.fromkeys(found))  # a history names its tag once
         write_json(self.out_dir / METRICS_FILE, metrics)
         return metrics
+
+    def _results(self, status: str, extra: dict[str, Any]) -> None:
+        """The HPARAMS view's metric columns (`HPARAM_METRICS`), at the step reached."""
+        step = extra.get("steps")
+        if step is None:
+            return
+        errors = [value for _, value in self.history.get("test/error", [])]
+        results = {
+            "result/test_error": self.last.get("test/error"),
+            "result/best_test_error": min(errors) if errors else None,
+            "result/test_loss": self.last.get("test/loss"),
+            "result/steps": step,
+            "result/wall_time_s": extra.get("wall_time_s"),
+            "result/status": STATUS_CODES.get(status, STATUS_CODES["failed"]),
+        }
+        for tag, value in results.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+        if status != "running":
+            end = plugin_data_pb2.SessionEndInfo(status=_SESSION_STATUS.get(status, api_pb2.STATUS_FAILURE))
+            self.writer.file_writer.add_summary(_hparams_summary(session_end_info=end))
 
     def close(self) -> None:
         self.writer.close()
@@ -81,6 +125,101 @@ class Tracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.last, self.history = dict(state["last"]), {k: list(v) for k, v in state["history"].items()}
+
+
+_SESSION_STATUS = {
+    "completed": api_pb2.STATUS_SUCCESS,
+    "interrupted": api_pb2.STATUS_UNKNOWN,
+    "diverged": api_pb2.STATUS_FAILURE,
+    "failed": api_pb2.STATUS_FAILURE,
+}
+
+
+def hparam_value(value: Any) -> bool | float | str:
+    """A hyperparameter as TensorBoard stores it: a bool, a finite number, or else its text
+    (`inf` too, which JSON cannot hold)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return "null" if value is None else str(value)
+
+
+def _set_value(target: Any, value: bool | float | str) -> None:
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, float):
+        target.number_value = value
+    else:
+        target.string_value = value
+
+
+_DATA_TYPES = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64}
+
+
+def hparam_infos(runs: list[dict[str, Any]], swept: list[str] = ()) -> list[api_pb2.HParamInfo]:
+    """The columns of an HPARAMS table over `runs` (each a run's hyperparameters): every key of
+    any run, the `swept` ones first (TensorBoard shows those that differ, ticked, first),
+    each with the values it takes as its domain. A key whose runs disagree on its type, or
+    that some runs lack (`ABSENT`), is a text column, so every filter TensorBoard offers on
+    it works."""
+    keys = list(dict.fromkeys([*swept, *(k for run in runs for k in run)]))
+    infos = []
+    for key in keys:
+        values = [hparam_value(run[key]) if key in run else ABSENT for run in runs] or [ABSENT]
+        kinds = {type(v) for v in values}
+        if len(kinds) > 1:
+            values = [str(v) for v in values]
+        distinct = list(dict.fromkeys(values))
+        kind = type(values[0])
+        info = api_pb2.HParamInfo(
+            name=key,
+            type=_DATA_TYPES.get(kind, api_pb2.DATA_TYPE_STRING),
+            differs=key in swept or len(distinct) > 1,
+        )
+        for value in distinct:
+            _set_value(info.domain_discrete.values.add(), value)
+        infos.append(info)
+    return infos
+
+
+def conform(values: dict[str, Any], infos: list[api_pb2.HParamInfo]) -> dict[str, Any]:
+    """A run's hyperparameters with exactly the keys and types of its sweep's columns."""
+    out: dict[str, Any] = {}
+    for info in infos:
+        value = hparam_value(values[info.name]) if info.name in values else ABSENT
+        out[info.name] = str(value) if info.type == api_pb2.DATA_TYPE_STRING else value
+    return out
+
+
+def experiment_summary(infos: list[api_pb2.HParamInfo]) -> Summary:
+    """The HPARAMS view's columns: `infos` and the metrics of `HPARAM_METRICS`."""
+    metrics = [
+        api_pb2.MetricInfo(
+            name=api_pb2.MetricName(tag=tag), display_name=tag.partition("/")[2], description=text
+        )
+        for tag, text in HPARAM_METRICS.items()
+    ]
+    return _hparams_summary(experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))
+
+
+def write_experiment(folder: str | os.PathLike, infos: list[api_pb2.HParamInfo]) -> None:
+    """Declare a sweep's HPARAMS columns once, in events of the sweep's own folder (TensorBoard
+    reads them from any run, and the runs of the sweep declare none)."""
+    writer = SummaryWriter(str(folder))
+    writer.file_writer.add_summary(experiment_summary(infos))
+    writer.close()
+
+
+def _hparams_summary(**data: Any) -> Summary:
+    (tag,) = [
+        {"experiment": metadata.EXPERIMENT_TAG, "session_start_info": metadata.SESSION_START_INFO_TAG}.get(
+            name, metadata.SESSION_END_INFO_TAG
+        )
+        for name in data
+    ]
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data)
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(content))])
 
 
 def write_json(path: Path, value: Any) -> None:

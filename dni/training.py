@@ -99,6 +99,7 @@ class Trainer:
         *,
         scheduler: SchedulerFactory | None = None,
         hparams: dict[str, Any] | None = None,
+        hparams_columns: bool = True,
         resume: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
         """Train `method` on `data` (see `dni.data` for what a task offers), writing into
@@ -108,10 +109,13 @@ class Trainer:
         checkpoint already in `out_dir`. Holds the folder's lock throughout (`FolderInUse` when
         another process has it). Raises `Divergence` after recording it, and `Interrupted` on
         SIGINT or SIGTERM after saving a checkpoint and recording status "interrupted".
+
+        `hparams` go to TensorBoard's HPARAMS view; with `hparams_columns=False` the run does
+        not declare the view's columns (a sweep declares them once for all its runs).
         """
         out_dir = Path(out_dir)
         with folder_lock(out_dir), _StopRequests() as stop:
-            return self._fit(method, data, out_dir, stop, scheduler, hparams, resume)
+            return self._fit(method, data, out_dir, stop, scheduler, hparams, hparams_columns, resume)
 
     def _fit(
         self,
@@ -121,6 +125,7 @@ class Trainer:
         stop: _StopRequests,
         scheduler: SchedulerFactory | None,
         hparams: dict[str, Any] | None,
+        hparams_columns: bool,
         resume: str | os.PathLike | None,
     ) -> dict[str, Any]:
         total = self.total_steps(data.num_train)
@@ -152,7 +157,7 @@ class Trainer:
         if restored:
             tracker.load_state_dict(restored["tracker"])
         if hparams and not restored:
-            tracker.hparams(hparams)
+            tracker.hparams(hparams, experiment=hparams_columns)
         eval_models = method.eval_models()
         if "control/test" in eval_models:
             tracker.layout(

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from dni.errors import FolderInUse
 from dni.tracking import lock_folder
+from experiments import sweep  # noqa: F401  (registers the resolvers that name a sweep's jobs)
 
 log = logging.getLogger("dni")
 
@@ -82,6 +83,21 @@ def why_unwritable(folder: Path) -> str | None:
     except OSError as error:
         return f"it cannot be created or written there ({error.strerror or type(error).__name__})"
     return None
+
+
+class SweepSetup(Callback):
+    """At the start of a multirun: what the sweep varies, for the jobs' folder names, log lines
+    and HPARAMS columns (`experiments.sweep`)."""
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        from experiments.sweep import plan, write_plan
+
+        HydraConfig.instance().set_config(config)
+        sweep_plan = plan(config, config_name)
+        if sweep_plan is not None:
+            write_plan(Path(str(config.hydra.sweep.dir)), sweep_plan)
+            if sweep_plan["swept"]:
+                log.info("sweeping %s: %d jobs", ", ".join(sweep_plan["swept"]), len(sweep_plan["jobs"]))
 
 
 class SweepReport(Callback):

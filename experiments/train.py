@@ -42,6 +42,7 @@ from dni.errors import ConfigError, DNIError, Interrupted, RunFolderError  # noq
 from dni.methods import Backprop  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
 from experiments.callbacks import RunFailed  # noqa: E402
+from experiments.sweep import hyperparameters, sweep_hparams  # noqa: E402
 
 log = logging.getLogger("dni")
 
@@ -256,24 +257,17 @@ def _one_line(error: BaseException) -> str:
     return re.sub(r"\.\s+", "; ", text)
 
 
-def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The run's choices and settings, flattened, for TensorBoard's HPARAMS view."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not str(key).startswith("_") and key != "report":
-                    walk(value, f"{prefix}{key}.")
-        elif node is not None:
-            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    for group in ("dataset", "model", "method", "synthesizer", "optim", "experiment"):
-        if choices.get(group):
-            flat[f"choice/{group}"] = choices[group]
-    return flat
+def run_hparams(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """The run's hyperparameters for TensorBoard's HPARAMS view, and whether the run declares
+    the view's columns itself: a job of a planned sweep writes its sweep's keys instead,
+    declared once in the sweep's folder (`experiments.sweep`)."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    values = hyperparameters(cfg, OmegaConf.to_container(hydra_cfg.runtime.choices) if hydra_cfg else None)
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        conformed = sweep_hparams(values, hydra_cfg.sweep.dir)
+        if conformed is not None:
+            return conformed, False
+    return values, True
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -314,15 +308,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         out_dir,
     )
     if pipeline is not None:  # one process per stage, launched by torchrun (dni.distributed)
-        hparams = hyperparameters(cfg)
+        hparams, _ = run_hparams(cfg)
         return pipeline.fit(
             method, data, trainer, out_dir, scheduler=scheduler, hparams=hparams, resume=cfg.resume
         )
     names = {"method": method.name, "model": model.name, "dataset": data.name}
     check_resume(cfg, out_dir, names)
     record_config(cfg, out_dir, names)
+    hparams, own_columns = run_hparams(cfg)
     return trainer.fit(
-        method, data, out_dir, scheduler=scheduler, hparams=hyperparameters(cfg), resume=cfg.resume
+        method,
+        data,
+        out_dir,
+        scheduler=scheduler,
+        hparams=hparams,
+        hparams_columns=own_columns,
+        resume=cfg.resume,
     )
 
 
