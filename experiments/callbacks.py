@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dni.errors import FolderInUse
 from dni.tracking import lock_folder
@@ -101,8 +101,9 @@ class SweepSetup(Callback):
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: the sweep's table and figures (when the experiment has a
-    `report:` node), and a non-zero exit when any job failed or diverged, after all jobs ran."""
+    """At the end of a multirun: the sweep's table, figures and CSV files (what they show from
+    the experiment's `report:` node, else from what the sweep varied), and a non-zero exit
+    when any job failed or diverged, after all jobs ran."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)
@@ -113,8 +114,11 @@ class SweepReport(Callback):
 
         sweep_dir = getattr(self, "sweep_dir", None) or Path(str(config.hydra.sweep.dir))
         runs = collect(sweep_dir)
-        if config.get("report") and runs:
-            report = make_report(sweep_dir, ReportSpec.from_dict(dict(config.report)))
+        if runs:
+            spec = ReportSpec.from_dict(
+                OmegaConf.to_container(config.report) if config.get("report") else None
+            )
+            report = make_report(sweep_dir, spec)
             log.info("\n%s", report.read_text())
         failed = [run for run in runs if run.status != "completed"]
         if failed:

@@ -90,3 +90,67 @@ def test_columns_of_several_keys_join_their_values(tmp_path):
     cells = rows[2].strip("| ").split(" | ")[1:]
     assert len(cells) == 4 and cells[0] == cells[1]  # bprop ignores the synthesizer: the same run twice
     _png(tmp_path / "curves.png")
+
+
+def test_an_ad_hoc_sweep_over_lr_and_seed_gets_a_column_per_lr_averaged_over_seeds_only(tmp_path):
+    import csv
+    import statistics
+
+    result = run_cli(
+        "-m", "debug=fast", "optim.lr=0.001,0.01", "seed=0,1", "trainer.progress=false", "device=cpu",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| optim.lr | 0.001 | 0.01 |" and len(rows) == 3  # a column per learning rate
+    errors = {lr: [] for lr in (0.001, 0.01)}
+    for run in collect(tmp_path):
+        errors[run.lookup("optim.lr")].append(100 * run.metrics["test_error"])
+    expected = [f"{statistics.fmean(e):.2f} ± {statistics.stdev(e):.2f} (n=2)" for e in errors.values()]
+    assert rows[2] == f"| all | {expected[0]} | {expected[1]} |"  # the two seeds of each rate
+    assert report.startswith("# sweep: test error (%) by optim.lr\n")
+    assert "mean ± standard deviation over seed" in report
+    _png(tmp_path / "curves.png")
+    assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"
+
+    with (tmp_path / "summary.csv").open() as file:
+        summary = list(csv.DictReader(file))
+    assert sorted((float(r["optim.lr"]), int(r["seed"])) for r in summary) == [
+        (0.001, 0), (0.001, 1), (0.01, 0), (0.01, 1)
+    ]  # fmt: skip
+    assert all(r["status"] == "completed" and r["steps"] == "20" for r in summary)
+    with (tmp_path / "evaluations.csv").open() as file:
+        evaluations = list(csv.DictReader(file))
+    test_errors = [r for r in evaluations if r["metric"] == "test/error"]
+    assert len(test_errors) == 4 * 2  # 4 jobs, evaluated at steps 10 and 20
+    assert {r["job"] for r in test_errors} == {r["job"] for r in summary}
+
+
+def test_the_report_script_explains_every_option(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in (
+        "--rows",
+        "--columns",
+        "--value",
+        "--curves",
+        "--versus",
+        "--log-x",
+        "--order",
+        "--traces",
+    ):
+        assert option in text
+    assert "only seed is averaged" in text and "summary.csv" in text
+
+
+def test_the_report_script_on_a_folder_without_runs_is_one_sentence(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="no runs under .*; give a sweep's folder"):
+        main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not a folder; give a sweep's folder"):
+        main([str(tmp_path / "nowhere")])
