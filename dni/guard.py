@@ -23,6 +23,12 @@ class Guard:
     Skipping is for a rare bad batch, not for a run whose weights are already lost: when
     `max_skipped_steps` steps in a row each skipped an update, `end_step` raises `Divergence`,
     so such a run ends "diverged" instead of "completed" with nothing learnt.
+
+    Deferred checks (`defer`, `end_checks`, `check`) serve a step that must not wait on the
+    device (the batched DNI step): the step records its quantities as tensors, they are
+    folded into a running record without reading them, and `check` reads the record once,
+    raising `Divergence` for the first quantity that went bad, with the step it went bad at.
+    They exist for `action="stop"` only: skipping an update needs to know at once.
     """
 
     def __init__(self, action: str = "stop", max_sg_norm: float = math.inf, max_skipped_steps: int = 50):
@@ -39,6 +45,12 @@ class Guard:
         self.skipped = 0
         self.skipped_in_a_row = 0  # steps, each of which skipped at least one update
         self._skipped_before = 0  # `skipped` when the current step began
+        # Deferred checks: this step's (quantity, where, value), and the record of earlier steps:
+        # the keys, each key's first bad step (-1: none yet, else its index in the window) and
+        # the value it had then. `_window` counts the steps folded in since the last `check`.
+        self._pending: list[tuple[str, str, Tensor]] = []
+        self._record: tuple[tuple[tuple[str, str], ...], Tensor, Tensor] | None = None
+        self._window = 0
 
     def finite(self, quantity: str, value: Tensor, where: str = "") -> bool:
         """True when every entry of `value` is finite."""
@@ -55,6 +67,57 @@ class Guard:
         if self.max_sg_norm < math.inf and norm.item() > self.max_sg_norm:
             return self._fail(f"synthetic-gradient norm (bound {self.max_sg_norm:g})", norm.item(), where)
         return True
+
+    def defer(self, quantity: str, value: Tensor, where: str = "") -> None:
+        """Check the scalar `value` later, without reading it now: it must be finite and, for a
+        synthetic-gradient norm (`quantity="synthetic gradient"`), within `max_sg_norm`."""
+        if self.action != "stop":
+            raise ConfigError(f"guard.action={self.action!r} needs checks at once; deferred checks stop only")
+        self._pending.append((quantity, where, value.detach()))
+
+    def end_checks(self) -> None:
+        """Fold this step's deferred checks into the record, on the device, without a host sync;
+        called once at the end of every step that defers."""
+        if not self._pending:
+            return
+        keys = tuple((q, w) for q, w, _ in self._pending)
+        values = [v for _, _, v in self._pending]
+        values = torch.stack([v.to(values[0].dtype) for v in values])
+        self._pending = []
+        bad = ~torch.isfinite(values)
+        if self.max_sg_norm < math.inf:
+            bounded = torch.tensor([q == "synthetic gradient" for q, _ in keys], device=values.device)
+            bad |= bounded & (values > self.max_sg_norm)
+        if self._record is not None and self._record[0] != keys:  # another set of checks: read it now
+            self.check()
+        if self._record is None:
+            first = torch.full_like(values, -1, dtype=torch.long)
+            self._record = (keys, first, torch.zeros_like(values))
+        _, first, held = self._record
+        newly = bad & (first < 0)
+        self._record = (keys, torch.where(newly, self._window, first), torch.where(newly, values, held))
+        self._window += 1
+
+    def check(self, step: int | None = None) -> None:
+        """Read the deferred checks (one host sync) and raise `Divergence` for the first quantity
+        that went bad, naming the step it went bad at; `step` is the number of steps completed
+        now (without it the step is left for the caller to add)."""
+        self.end_checks()
+        record, window = self._record, self._window
+        self._record, self._window = None, 0
+        if record is None:
+            return
+        keys, first, values = record
+        first, values = first.tolist(), values.tolist()
+        bad = [(i, n) for n, i in enumerate(first) if i >= 0]
+        if not bad:
+            return
+        index, n = min(bad)
+        (quantity, where), value = keys[n], values[n]
+        if quantity == "synthetic gradient" and math.isfinite(value):
+            quantity = f"synthetic-gradient norm (bound {self.max_sg_norm:g})"
+        at = None if step is None else step - window + index + 1
+        raise Divergence(quantity, value, where, step=at)
 
     def _fail(self, quantity: str, value: float, where: str) -> bool:
         if self.action == "stop":

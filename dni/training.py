@@ -140,6 +140,12 @@ class Trainer:
             source, restored = found
             method.load_state_dict(restored["method"])
             batches.load_state_dict(restored["batches"])
+            if len(restored["schedulers"]) != len(schedulers):
+                raise CheckpointError(
+                    f"checkpoint {source} holds the schedules of {len(restored['schedulers'])} optimisers "
+                    f"and this run has {len(schedulers)}; resume it with the settings it was saved with (for "
+                    "DNI: method.batched=false for a run saved before the batched step existed)"
+                )
             for s, saved in zip(schedulers, restored["schedulers"]):
                 s.load_state_dict(saved)
             if hasattr(data, "load_state_dict"):  # e.g. a curriculum's level
@@ -170,6 +176,7 @@ class Trainer:
         tracker.write_metrics("running", steps=start, total_steps=total)
 
         def save(step: int) -> None:
+            method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
             state = {
                 "signature": signature,
                 "step": step,
@@ -229,6 +236,7 @@ class Trainer:
                 bar.update()
 
                 if step % self.log_every == 0 or step == total:
+                    method.guard.check(step)  # the checks a step deferred, read here in one go
                     values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
                     values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
                     values["train/samples_per_s"] = window_samples / (time.perf_counter() - window_start)
@@ -255,7 +263,8 @@ class Trainer:
                     save(step)
                     tracker.write_metrics("running", steps=step, total_steps=total)
         except Divergence as divergence:
-            divergence.at_step(step + 1)
+            if divergence.step is None:  # a deferred check names the step it went bad at
+                divergence.at_step(step + 1)
             where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
             _if_writable(lambda: summary("diverged", step, divergence=where))
             raise

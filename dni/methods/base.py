@@ -99,12 +99,16 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         self.parts.load_state_dict(state["parts"])
-        if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError(f"{len(state['optimizers'])} optimisers saved, {len(self.optimizers)} here")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
+        self.load_optimizers(state["optimizers"])
         self.guard.load_state_dict(state["guard"])
         self.initial_weights = state.get("initial_weights", self.initial_weights)
+
+    def load_optimizers(self, saved: list[dict]) -> None:
+        """Load the optimisers' states, in the order of `self.optimizers`."""
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"{len(saved)} optimisers saved, {len(self.optimizers)} here")
+        for optimizer, state in zip(self.optimizers, saved):
+            optimizer.load_state_dict(state)
 
     def _outputs(self, logits: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
         return {"loss": loss.detach(), "accuracy": (logits.argmax(1) == y).float().mean()}

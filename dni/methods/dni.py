@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dni.errors import ConfigError
@@ -56,6 +58,15 @@ class DecoupledNeuralInterfaces(Method):
         target_lambda: targets as lambda-returns (see `DNI`): 0 bootstraps from the synthesizer
             above (the paper), 1 gives the true gradient; between, the synthesizers' targets
             mix both, each hop further up weighted by another factor lambda.
+        batched: take the batched step where it serves the settings (see `batched_step`),
+            else the per-interface one; both give bit-identical losses and parameters.
+
+    The batched step serves dni and cdni, `p_update < 1`, `warmup_steps`, several blocks per
+    segment, `block_optimizer` / `block_lr_scale`, `regression_steps > 1`, `true_targets`,
+    `scale`, `sg_loss_weight` and the oracle synthesizer. Left to the per-interface step
+    (`DNI.forward`, one interface after the other): `forward_unlock`, `target_lambda > 0` (its
+    targets leave from a hook once `delta` arrives) and `guard.action="skip"` (skipping an
+    update must read the check at once).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class DecoupledNeuralInterfaces(Method):
         regression_steps: int = 1,
         true_targets: bool = False,
         target_lambda: float = 0.0,
+        batched: bool = True,
     ):
         super().__init__(model, loss, guard)
         self.name = ("cdni" if conditioned else "dni") + ("_unlocked" if forward_unlock else "")
@@ -131,9 +143,18 @@ class DecoupledNeuralInterfaces(Method):
             nn.ModuleList([i.synthesizer, *([i.input_synthesizer] if i.input_synthesizer else [])])
             for i in self.interfaces
         )
-        self.optimizers = [self.head_optimizer]
+        # The per-interface step uses one optimiser per segment and synthesizer (`parts`); the
+        # batched one steps them as one optimiser per class, their param groups (the same dicts)
+        # concatenated (`merged`): the same update for every parameter, one `step` per class.
+        self.part_optimizers = [self.head_optimizer]
         for i in self.interfaces:
-            self.optimizers += [o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o]
+            self.part_optimizers += [
+                o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o
+            ]
+        serves = not forward_unlock and target_lambda == 0 and self.guard.action == "stop"
+        self.batched = bool(batched) and serves
+        self.merged_optimizers = _merge(self.part_optimizers)
+        self.optimizers = self.merged_optimizers if self.batched else self.part_optimizers
 
     def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
@@ -178,6 +199,8 @@ class DecoupledNeuralInterfaces(Method):
         return logits, loss
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.batched:
+            return self.batched_step(x, y)
         labels = one_hot(y, self.num_classes, like=x)
         h = x
         for interface in self.interfaces:
@@ -188,8 +211,105 @@ class DecoupledNeuralInterfaces(Method):
             out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
         return out
 
+    def batched_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The per-interface step's updates, computed in a few calls: forward every segment and
+        synthesizer; one backward from all roots (each activation with its injected gradient,
+        and the loss) that fills every parameter gradient and delivers every target; one
+        backward from all synthesizers' regression losses; one optimiser step per class. No
+        parameter is used again in a step after its update, so this is the same arithmetic in
+        another order, and the guard's checks are deferred (`Guard.defer`): nothing is read on
+        the host. Random draws (`p_update`) happen in the per-interface step's order."""
+        labels = one_hot(y, self.num_classes, like=x)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        roots, injections, inputs, cuts, pending = [], [], [], [], []
+        h = x
+        for interface in self.interfaces:
+            context = self.context(interface, labels)
+            update = interface.draw_update()
+            interface.steps_seen += 1
+            a = interface.block(h)
+            g = interface.synthesizer(a.detach(), context)
+            truth = self._truth(interface, labels)
+            true_target = truth(a.detach()) if truth is not None else None
+            injected = interface.injected(g)
+            norm = injected.norm().detach()
+            interface.stats["norm"] = norm
+            pending.append([("synthetic gradient", norm, interface.name)])
+            wants = list(interface.block.parameters()) if update else []
+            if h.requires_grad:
+                wants.append(h)
+            if wants:
+                roots.append(a)
+                injections.append(injected)
+                inputs += wants
+            h = a.detach().requires_grad_()  # the cut; its gradient is this interface's target
+            cuts.append((interface, g, h, a.detach(), context, true_target))
+        logits = self.head(h)
+        loss = self.loss(logits, y)
+        roots.append(loss)
+        injections.append(None)
+        inputs += [*self.head.parameters(), h]
+        torch.autograd.backward(roots, injections, inputs=inputs)
+
+        # The synthesizers' regressions, each on its target (the per-interface `DNI._regress`).
+        # A lower synthesizer's checks come after the synthetic gradient of the segment above,
+        # the last after the loss, as the per-interface step makes them.
+        pending.append([("loss", loss.detach(), "")])
+        regressions, losses = [], []
+        for k, (interface, g, cut, activation, context, true_target) in enumerate(cuts):
+            delta = cut.grad if true_target is None else true_target
+            target = delta.detach() * delta.shape[0]
+            interface.last_target = target
+            error = F.mse_loss(g, target)
+            interface.stats["loss"] = error.detach()
+            if interface.synthesizer_optimizer is not None:
+                pending[k + 1].append(("synthesizer loss", error.detach(), interface.name))
+                losses.append(interface.sg_loss_weight * error)
+                regressions.append((interface, activation, context, target, pending[k + 1]))
+        if losses:
+            torch.autograd.backward(losses)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for _ in range(1, self.interfaces[0].regression_steps if regressions else 1):
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for interface, activation, context, target, checks in regressions:
+                prediction = forward_without_stat_updates(interface.synthesizer, activation, context)
+                error = F.mse_loss(prediction, target)
+                checks.append(("synthesizer loss", error.detach(), interface.name))
+                losses.append(interface.sg_loss_weight * error)
+            torch.autograd.backward(losses)
+            for optimizer in self.optimizers:
+                optimizer.step()
+        for checks in pending:
+            for quantity, value, where in checks:
+                self.guard.defer(quantity, value, where)
+        self.guard.end_checks()
+        out = self._outputs(logits, y, loss)
+        for interface in self.interfaces:
+            out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
+        return out
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "interface_steps": [i.steps_seen for i in self.interfaces]}
+
+    def load_optimizers(self, saved: list[dict]) -> None:
+        """Load optimiser states saved by either step: one per segment and synthesizer (the
+        per-interface step, and every run saved before the batched step existed) or one per
+        optimiser class (the batched step); the other layout takes over the same state."""
+        layouts = (self.optimizers, self.part_optimizers, self.merged_optimizers)
+        layout = next((o for o in layouts if len(o) == len(saved)), None)
+        if layout is None:
+            raise ValueError(
+                f"{len(saved)} optimisers saved, {len(self.optimizers)} here (or {len(self.part_optimizers)} "
+                "one per segment and synthesizer)"
+            )
+        for optimizer, state in zip(layout, saved):
+            optimizer.load_state_dict(state)
+        other = self.part_optimizers if layout is self.merged_optimizers else self.merged_optimizers
+        _share(layout, other)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -232,6 +352,34 @@ class DecoupledNeuralInterfaces(Method):
             for stat, value in compare(self._synthetic(interface, h, labels), truth).items():
                 out[f"sg/{stat}/{interface.name}"] = value
         return out
+
+
+def _merge(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """One optimiser per class over the param groups of `optimizers` (the same group dicts, so
+    a scheduler or a learning-rate change acts on both), in order of first appearance."""
+    classes: dict[type, list[torch.optim.Optimizer]] = {}
+    for optimizer in optimizers:
+        classes.setdefault(type(optimizer), []).append(optimizer)
+    merged = []
+    for cls, group in classes.items():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        merged.append(cls([g for o in group for g in o.param_groups], **group[0].defaults))
+    return merged
+
+
+def _share(source: list[torch.optim.Optimizer], target: list[torch.optim.Optimizer]) -> None:
+    """Give `target`'s optimisers the param groups and state of `source`'s, which hold the same
+    parameters in the same groups, grouped into other optimisers."""
+    group_of = {id(p): g for o in source for g in o.param_groups for p in g["params"]}
+    state = {p: s for o in source for p, s in o.state.items()}
+    for optimizer in target:
+        if optimizer in source:
+            continue
+        optimizer.param_groups = [group_of[id(g["params"][0])] for g in optimizer.param_groups]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        optimizer.state = defaultdict(dict, {p: state[p] for p in params if p in state})
 
 
 def _input_synthesizer(factory: SynthesizerFactory, shape: tuple, out_shape: tuple) -> Synthesizer:

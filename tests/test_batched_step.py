@@ -1,0 +1,183 @@
+"""The batched DNI step against the per-interface one: the same losses and parameters, bit for
+bit, for every variant the batched step serves; divergences still caught and named; resumes
+across the two optimiser layouts exact."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from dni import (
+    FCN,
+    DecoupledNeuralInterfaces,
+    LinearSynthesizer,
+    MLPSynthesizer,
+    OracleSynthesizer,
+    synthetic,
+)
+from dni.errors import Divergence
+from dni.guard import Guard
+from tests.helpers import batches
+
+adam = functools.partial(torch.optim.Adam, lr=1e-3)
+sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+trained_linear = functools.partial(LinearSynthesizer, zero_init=False)  # nonzero from step 1
+trained_mlp = functools.partial(MLPSynthesizer, hidden=[16], zero_init=False)
+
+STEPS = 20
+
+# name -> DecoupledNeuralInterfaces options; every variant the batched step serves
+VARIANTS = {
+    "dni": dict(synthesizer=trained_linear),
+    "cdni": dict(synthesizer=trained_linear, conditioned=True),
+    "shipped dni (block_lr_scale 0.1)": dict(synthesizer=LinearSynthesizer, block_lr_scale=0.1),
+    "mlp synthesizer": dict(synthesizer=trained_mlp),
+    "p_update 0.5": dict(synthesizer=trained_linear, conditioned=True, p_update=[0.5, 0.7, 0.3]),
+    "segments of several blocks": dict(synthesizer=trained_linear, interfaces=[2]),
+    "block optimizer sgd": dict(synthesizer=trained_linear, block_optimizer=sgd, block_lr_scale=0.5),
+    "warmup": dict(synthesizer=trained_linear, warmup_steps=5),
+    "regression steps 3": dict(synthesizer=trained_linear, conditioned=True, regression_steps=3),
+    "true targets": dict(synthesizer=trained_linear, true_targets=True),
+    "oracle synthesizer": dict(synthesizer=OracleSynthesizer),
+    "scale and sg weight": dict(synthesizer=trained_linear, scale=0.5, sg_loss_weight=2.0),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(num_train=512, num_test=128, shape=(24,), separation=1.0)
+
+
+def twins(dtype: torch.dtype, **options) -> tuple[DecoupledNeuralInterfaces, DecoupledNeuralInterfaces]:
+    """A batched and a per-interface method from the same initial weights, in `dtype`."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        model = FCN((24,), 10, depth=3, width=32)
+        made = []
+        for batched in (True, False):
+            torch.manual_seed(1)  # the synthesizers' initial weights
+            made.append(DecoupledNeuralInterfaces(copy.deepcopy(model), adam, batched=batched, **options))
+    finally:
+        torch.set_default_dtype(default)
+    assert made[0].batched and not made[1].batched
+    return made[0], made[1]
+
+
+def run_steps(method, data, dtype, steps=STEPS, seed=0, rng=7) -> list[dict]:
+    torch.manual_seed(rng)  # the p_update draws
+    outs = []
+    for x, y in batches(data, steps, seed=seed):
+        outs.append({k: v.clone() for k, v in method.step(x.to(dtype), y).items()})
+    return outs
+
+
+def assert_identical(a, b, outs_a, outs_b):
+    for step, (oa, ob) in enumerate(zip(outs_a, outs_b), start=1):
+        assert oa.keys() == ob.keys()
+        for key in oa:
+            assert torch.equal(oa[key], ob[key]), f"{key} differs at step {step}"
+    for (name, p), q in zip(a.parts.named_parameters(), b.parts.parameters()):
+        assert torch.equal(p, q), f"{name} differs"
+    for (name, p), q in zip(a.parts.named_buffers(), b.parts.buffers()):
+        assert torch.equal(p, q), f"buffer {name} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_step_is_bit_identical_to_the_per_interface_step(variant, dtype, data):
+    batched, reference = twins(dtype, **VARIANTS[variant])
+    initial = [p.clone() for p in batched.parts.parameters()]
+    outs_b = run_steps(batched, data, dtype)
+    outs_r = run_steps(reference, data, dtype)
+    assert_identical(batched, reference, outs_b, outs_r)
+    assert not all(torch.equal(p, q) for p, q in zip(initial, batched.parts.parameters())), "nothing moved"
+    batched.guard.check()  # nothing went bad
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(forward_unlock=True, input_synthesizer=trained_mlp),
+        dict(target_lambda=0.5),
+        dict(guard=Guard("skip")),
+    ],
+    ids=["forward_unlock", "target_lambda", "guard skip"],
+)
+def test_variants_the_batched_step_does_not_serve_take_the_per_interface_one(options):
+    model = FCN((24,), 10, depth=3, width=32)
+    method = DecoupledNeuralInterfaces(model, adam, trained_linear, conditioned=True, **options)
+    assert not method.batched and method.optimizers is method.part_optimizers
+
+
+def test_a_divergence_in_the_batched_step_is_named_with_its_block_quantity_and_step(data):
+    batched, _ = twins(torch.float32, synthesizer=trained_linear)
+    stream = batches(data, 10)
+    for _ in range(3):
+        batched.step(*next(stream))
+    with torch.no_grad():  # the third synthesizer starts predicting infinities from step 4
+        batched.interfaces[2].synthesizer.net[-1].bias.fill_(float("inf"))
+    for _ in range(3):
+        batched.step(*next(stream))  # nothing is read on the host during these steps
+    with pytest.raises(Divergence) as caught:
+        batched.guard.check(step=6)
+    assert caught.value.step == 4 and caught.value.where == "block3"
+    assert caught.value.quantity == "synthetic gradient"
+    assert "training diverged at step 4: synthetic gradient in block3 is inf" in str(caught.value)
+
+
+def test_a_non_finite_loss_in_the_batched_step_is_named(data):
+    batched, _ = twins(torch.float32, synthesizer=trained_linear)
+    x, y = next(batches(data, 1))
+    batched.step(x, y)
+    batched.step(x * float("nan"), y)
+    with pytest.raises(Divergence, match="at step 2: synthetic gradient in block1 is nan"):
+        batched.guard.check(step=2)
+    # the head alone: a loss of nan with finite synthetic gradients
+    batched, _ = twins(torch.float32, synthesizer=trained_linear)
+    with torch.no_grad():
+        for p in batched.head.parameters():
+            p.fill_(float("nan"))
+    batched.step(x, y)
+    with pytest.raises(Divergence, match="at step 1: loss is nan"):
+        batched.guard.check(step=1)
+
+
+def test_the_sg_norm_bound_is_checked_deferred(data):
+    batched, _ = twins(torch.float32, synthesizer=trained_linear, scale=1e6)
+    batched.guard.max_sg_norm = 1.0
+    batched.step(*next(batches(data, 1)))
+    with pytest.raises(Divergence, match=r"synthetic-gradient norm \(bound 1\) in block1"):
+        batched.guard.check(step=1)
+
+
+@pytest.mark.parametrize("direction", ["per-interface to batched", "batched to per-interface"])
+def test_resume_across_the_two_optimiser_layouts_is_exact(direction, data):
+    """A checkpoint of one step (a run saved before the batched step existed has the
+    per-interface layout) resumes in the other exactly as in its own."""
+    options = dict(synthesizer=trained_linear, conditioned=True, block_optimizer=sgd, block_lr_scale=0.5)
+    batched, reference = twins(torch.float32, **options)
+    saver, other = (reference, batched) if direction == "per-interface to batched" else (batched, reference)
+    run_steps(saver, data, torch.float32, steps=5)
+    state = copy.deepcopy(saver.state_dict())
+    assert len(state["optimizers"]) == len(saver.optimizers)
+    other.load_state_dict(state)
+    outs_saver = run_steps(saver, data, torch.float32, steps=5, seed=1)
+    outs_other = run_steps(other, data, torch.float32, steps=5, seed=1)
+    assert_identical(saver, other, outs_saver, outs_other)
+    # a schedule acts on the groups both layouts share
+    for group in other.optimizers[0].param_groups:
+        group["lr"] *= 0.5
+    assert other.head_optimizer.param_groups[0]["lr"] == saver.head_optimizer.param_groups[0]["lr"] * 0.5
+
+
+def test_batched_merges_the_optimisers_into_one_per_class():
+    model = FCN((24,), 10, depth=3, width=32)
+    method = DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, block_optimizer=sgd)
+    assert [type(o) for o in method.optimizers] == [torch.optim.Adam, torch.optim.SGD]
+    assert len(method.part_optimizers) == 7
+    assert method.optimizers[0].param_groups[0] is method.head_optimizer.param_groups[0]
