@@ -6,9 +6,14 @@
 Every method is built from the same configs the runner uses, from the same initial
 weights, and stepped on the same batches. Methods are timed in alternation, a few steps
 each per round, so drifts of the machine (other processes, clock changes) hit them all
-alike; the table reports the median per-step time and its ratio to bprop. Then it
-measures the data pipeline's share of a backprop step and the samples per second of the
-default run (`python experiments/train.py`, shortened).
+alike; the table reports the median per-step time and its ratio to bprop. Beside each
+ratio stands its FLOP limit: the matmul FLOPs of one step of the method over those of one
+backprop step, counted by `torch.utils.flop_counter` on a step of the model itself (forward
+2·B·in·out and backward 4·B·in·out per linear layer, less input gradients autograd never
+computes; per interface the synthesizer's forward and its weight gradient), so a method at
+its limit would show measured / limit = 1. The load average of the machine is printed
+before and after. Then it measures the data pipeline's share of a backprop step and the
+samples per second of the default run (`python experiments/train.py`, shortened).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from hydra.utils import instantiate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.timing import compose_config, print_ratio_table, time_steps  # noqa: E402
+from benchmarks.timing import compose_config, flop_limits, print_ratio_table, time_steps  # noqa: E402
 from dni.data import synthetic, vision  # noqa: E402
 from experiments.train import run  # noqa: E402
 
@@ -35,8 +40,11 @@ VARIANTS = {  # label -> config overrides
     "bprop": ["method=bprop"],
     "dni (linear)": ["method=dni", "synthesizer=linear"],
     "cdni (linear)": ["method=cdni", "synthesizer=linear"],
+    "dni (linear, per-interface)": ["method=dni", "synthesizer=linear", "method.batched=false"],
+    "cdni (linear, per-interface)": ["method=cdni", "synthesizer=linear", "method.batched=false"],
     "dni (mlp)": ["method=dni", "synthesizer=mlp"],
     "cdni (mlp)": ["method=cdni", "synthesizer=mlp"],
+    "cdni_unlocked (linear)": ["method=cdni_unlocked", "synthesizer=linear"],
     "backward_net": ["method=backward_net"],
     "fa": ["method=fa"],
     "dfa": ["method=dfa"],
@@ -103,14 +111,20 @@ def main() -> None:
     stream = data.batches(args.batch_size, seed=0)
     batches = [next(stream) for _ in range(50)]
     methods = build_methods(data, args.depth, args.methods)
+    limits = flop_limits(methods, batches[0], "bprop")
+    load_before = os.getloadavg()
     times = time_steps(methods, batches, args.rounds, args.per_round)
+    load_after = os.getloadavg()
 
     print(
         f"\nStep time, FCN with {args.depth} hidden layers of 256, batch {args.batch_size}, "
         f"{data.name}, {torch.get_num_threads()} threads, device cpu, torch {torch.__version__}"
     )
-    print(f"median of {args.rounds} rounds x {args.per_round} steps, methods in alternation\n")
-    print_ratio_table(times, "bprop")
+    print(
+        f"median of {args.rounds} rounds x {args.per_round} steps, methods in alternation; load average "
+        f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs\n"
+    )
+    print_ratio_table(times, "bprop", limits=limits)
 
     share = data_share(data, args.batch_size)
     print(f"\nData pipeline: {100 * share:.2f}% of a backprop step (FCN-3, batch {args.batch_size})")
