@@ -14,7 +14,9 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dni import checkpoint
 from dni.errors import CheckpointError, ConfigError, Divergence, DNIError, Interrupted, RunFolderError
@@ -54,7 +57,9 @@ class Trainer:
 
     Give the budget as `steps` or as `epochs` (which wins when both are set). Every
     `eval_every` steps the test split is evaluated; every `log_every` steps the training
-    metrics are written; every `diagnostics_every` steps (0: never) the method's gradient
+    metrics are written; a progress bar shows on a terminal (`progress`), and elsewhere (a log
+    file, nohup, Slurm) a progress line is logged every `progress_every` steps (None: ten per
+    run; 0: never); every `diagnostics_every` steps (0: never) the method's gradient
     fidelity is measured; every `checkpoint_every` steps (and at the end) the full training
     state is saved, keeping the newest `keep_checkpoints`.
     """
@@ -69,6 +74,7 @@ class Trainer:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    progress_every: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
@@ -81,6 +87,13 @@ class Trainer:
             )
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"trainer.epochs={self.epochs!r} is not allowed; it must be > 0")
+        if self.progress_every is not None and not (
+            isinstance(self.progress_every, int) and self.progress_every >= 0
+        ):
+            raise ConfigError(
+                f"trainer.progress_every={self.progress_every!r} is not allowed; give an integer >= 0 "
+                "(0: no progress lines) or null for ten per run"
+            )
         if self.diagnostics_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("trainer.diagnostics_every must be >= 0 and trainer.keep_checkpoints >= 1")
 
@@ -114,7 +127,7 @@ class Trainer:
         not declare the view's columns (a sweep declares them once for all its runs).
         """
         out_dir = Path(out_dir)
-        with folder_lock(out_dir), _StopRequests() as stop:
+        with folder_lock(out_dir), _StopRequests() as stop, _console_logging():
             return self._fit(method, data, out_dir, stop, scheduler, hparams, hparams_columns, resume)
 
     def _fit(
@@ -206,13 +219,7 @@ class Trainer:
             )
 
         method.train()
-        bar = tqdm(
-            total=total,
-            initial=start,
-            disable=None if self.progress else True,
-            unit="step",
-            dynamic_ncols=True,
-        )
+        bar = _Progress(total, start, self.progress, self.progress_every)
         step, window_start, window_samples = start, time.perf_counter(), 0
         try:
             while step < total:
@@ -227,13 +234,17 @@ class Trainer:
                     tracker.scalars(method.diagnostics(x, y), step + 1)
                 measured = time.perf_counter()  # measurements do not count as training time
                 metrics = method.step(x, y)
-                for s in schedulers:
-                    s.step()
+                with warnings.catch_warnings():  # a block may skip its update (p_update < 1) on purpose
+                    warnings.filterwarnings(
+                        "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before"
+                    )
+                    for s in schedulers:
+                        s.step()
                 method.guard.end_step()
                 step += 1
                 clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
                 window_samples += len(x)
-                bar.update()
+                bar.update(step, metrics, len(x))
 
                 if step % self.log_every == 0 or step == total:
                     method.guard.check(step)  # the checks a step deferred, read here in one go
@@ -284,6 +295,75 @@ class Trainer:
             bar.close()
             _if_writable(tracker.close)  # a failed flush must not hide the error on its way out
         return summary("completed", step)
+
+
+class _Progress:
+    """A progress bar on a terminal, with log lines printed above it rather than into it; where
+    output is not a terminal (a log file, nohup, Slurm), a log line every `every` steps instead
+    (None: ten per run, 0: none): step, training loss, samples per second and time left."""
+
+    def __init__(self, total: int, start: int, bar: bool, every: int | None):
+        self.bar = tqdm(
+            total=total, initial=start, disable=None if bar else True, unit="step", dynamic_ncols=True
+        )
+        self.total, self.start, self.began = total, start, time.perf_counter()
+        self.every = 0 if not self.bar.disable else (max(1, total // 10) if every is None else every)
+        self.samples = 0
+        self._redirect = ExitStack()
+        if not self.bar.disable:
+            self._redirect.enter_context(logging_redirect_tqdm())
+
+    def update(self, step: int, metrics: dict[str, Tensor], batch_size: int) -> None:
+        self.bar.update()
+        self.samples += batch_size
+        if self.every and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.began
+            done = step - self.start
+            left = elapsed / max(done, 1) * (self.total - step)
+            loss = metrics["loss"].item() if "loss" in metrics else math.nan
+            log.info(
+                "step %d/%d (%d%%): loss %.4f, %.0f samples/s, ETA %s",
+                step,
+                self.total,
+                100 * step // self.total,
+                loss,
+                self.samples / max(elapsed, 1e-9),
+                _duration(left),
+            )
+
+    def set_postfix(self, **values: Any) -> None:
+        self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        self.bar.close()
+        self._redirect.close()
+
+
+def _duration(seconds: float) -> str:
+    """`1:02:03`, `2:03`: a time left as people read it."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@contextmanager
+def _console_logging() -> Iterator[None]:
+    """The loop's lines reach the console even when nothing configured logging (a script or a
+    notebook calling `Trainer.fit`); an application that configured it keeps its own."""
+    package = logging.getLogger("dni")
+    if logging.getLogger().handlers or package.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 class _StopRequests:

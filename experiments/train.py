@@ -342,6 +342,7 @@ CHANGEABLE_ON_RESUME = (
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
     "trainer.progress",
+    "trainer.progress_every",
     "device",
     "threads",
     "deterministic",
