@@ -45,11 +45,11 @@ class Guard:
         self.skipped = 0
         self.skipped_in_a_row = 0  # steps, each of which skipped at least one update
         self._skipped_before = 0  # `skipped` when the current step began
-        # Deferred checks: this step's (quantity, where, value), and the record of earlier steps:
-        # the keys, each key's first bad step (-1: none yet, else its index in the window) and
-        # the value it had then. `_window` counts the steps folded in since the last `check`.
+        # Deferred checks: this step's (quantity, where, value); the keys of a step's checks; one
+        # row of values per step since the last `check`, with its position in that window.
         self._pending: list[tuple[str, str, Tensor]] = []
-        self._record: tuple[tuple[tuple[str, str], ...], Tensor, Tensor] | None = None
+        self._keys: tuple[tuple[str, str], ...] | None = None
+        self._rows: list[tuple[int | Tensor, Tensor]] = []
         self._window = 0
 
     def finite(self, quantity: str, value: Tensor, where: str = "") -> bool:
@@ -75,48 +75,58 @@ class Guard:
             raise ConfigError(f"guard.action={self.action!r} needs checks at once; deferred checks stop only")
         self._pending.append((quantity, where, value.detach()))
 
+    KEEP = 256  # rows a loop that never calls `check` holds before it keeps only the first bad one
+
     def end_checks(self) -> None:
-        """Fold this step's deferred checks into the record, on the device, without a host sync;
-        called once at the end of every step that defers."""
+        """End this step's deferred checks: their values are stacked into one row, kept on the
+        device; called once at the end of every step that defers."""
         if not self._pending:
             return
         keys = tuple((q, w) for q, w, _ in self._pending)
-        values = [v for _, _, v in self._pending]
-        values = torch.stack([v.to(values[0].dtype) for v in values])
+        dtype = self._pending[0][2].dtype
+        row = torch.stack([v if v.dtype == dtype else v.to(dtype) for _, _, v in self._pending])
         self._pending = []
-        bad = ~torch.isfinite(values)
-        if self.max_sg_norm < math.inf:
-            bounded = torch.tensor([q == "synthetic gradient" for q, _ in keys], device=values.device)
-            bad |= bounded & (values > self.max_sg_norm)
-        if self._record is not None and self._record[0] != keys:  # another set of checks: read it now
+        if self._keys is not None and keys != self._keys:  # another set of checks: read the last
             self.check()
-        if self._record is None:
-            first = torch.full_like(values, -1, dtype=torch.long)
-            self._record = (keys, first, torch.zeros_like(values))
-        _, first, held = self._record
-        newly = bad & (first < 0)
-        self._record = (keys, torch.where(newly, self._window, first), torch.where(newly, values, held))
+        self._keys = keys
+        self._rows.append((self._window, row))
         self._window += 1
+        if len(self._rows) >= 2 * self.KEEP:  # still no sync: keep the first bad row of the oldest
+            older = self._rows[: self.KEEP]
+            rows = torch.stack([r for _, r in older])
+            first = torch.where(
+                self._bad(rows).any(1), torch.arange(len(older), device=rows.device), len(older)
+            )
+            first = first.min().clamp(max=len(older) - 1)  # the last row, if none is bad
+            positions = torch.tensor([p for p, _ in older], device=rows.device)
+            self._rows = [(positions[first], rows[first]), *self._rows[self.KEEP :]]
+
+    def _bad(self, rows: Tensor) -> Tensor:
+        bad = ~torch.isfinite(rows)
+        if self.max_sg_norm < math.inf:
+            bounded = torch.tensor([q == "synthetic gradient" for q, _ in self._keys], device=rows.device)
+            bad |= bounded & (rows > self.max_sg_norm)
+        return bad
 
     def check(self, step: int | None = None) -> None:
         """Read the deferred checks (one host sync) and raise `Divergence` for the first quantity
         that went bad, naming the step it went bad at; `step` is the number of steps completed
         now (without it the step is left for the caller to add)."""
         self.end_checks()
-        record, window = self._record, self._window
-        self._record, self._window = None, 0
-        if record is None:
+        held, window = self._rows, self._window
+        self._rows, self._window = [], 0
+        if not held:
             return
-        keys, first, values = record
-        first, values = first.tolist(), values.tolist()
-        bad = [(i, n) for n, i in enumerate(first) if i >= 0]
-        if not bad:
+        rows = torch.stack([r for _, r in held])
+        bad = self._bad(rows).tolist()
+        found = next(((s, n) for s, row in enumerate(bad) for n, b in enumerate(row) if b), None)
+        if found is None:
             return
-        index, n = min(bad)
-        (quantity, where), value = keys[n], values[n]
+        s, n = found
+        (quantity, where), value = self._keys[n], rows[s, n].item()
         if quantity == "synthetic gradient" and math.isfinite(value):
             quantity = f"synthetic-gradient norm (bound {self.max_sg_norm:g})"
-        at = None if step is None else step - window + index + 1
+        at = None if step is None else step - window + int(held[s][0]) + 1
         raise Divergence(quantity, value, where, step=at)
 
     def _fail(self, quantity: str, value: float, where: str) -> bool:

@@ -43,6 +43,10 @@ VARIANTS = {
     "true targets": dict(synthesizer=trained_linear, true_targets=True),
     "oracle synthesizer": dict(synthesizer=OracleSynthesizer),
     "scale and sg weight": dict(synthesizer=trained_linear, scale=0.5, sg_loss_weight=2.0),
+    "adam foreach": dict(synthesizer=trained_linear, optimizer=functools.partial(adam, foreach=True)),
+    "adam fused": dict(
+        synthesizer=trained_linear, block_lr_scale=0.1, optimizer=functools.partial(adam, fused=True)
+    ),
 }
 
 
@@ -61,7 +65,11 @@ def twins(dtype: torch.dtype, **options) -> tuple[DecoupledNeuralInterfaces, Dec
         made = []
         for batched in (True, False):
             torch.manual_seed(1)  # the synthesizers' initial weights
-            made.append(DecoupledNeuralInterfaces(copy.deepcopy(model), adam, batched=batched, **options))
+            made.append(
+                DecoupledNeuralInterfaces(
+                    copy.deepcopy(model), **{"optimizer": adam, **options}, batched=batched
+                )
+            )
     finally:
         torch.set_default_dtype(default)
     assert made[0].batched and not made[1].batched
@@ -181,3 +189,26 @@ def test_batched_merges_the_optimisers_into_one_per_class():
     assert [type(o) for o in method.optimizers] == [torch.optim.Adam, torch.optim.SGD]
     assert len(method.part_optimizers) == 7
     assert method.optimizers[0].param_groups[0] is method.head_optimizer.param_groups[0]
+
+
+@pytest.mark.parametrize("bad_step", [None, 3, 9, 17])
+def test_deferred_checks_of_a_loop_that_never_reads_them_keep_the_first_bad_step(bad_step):
+    guard = Guard(max_sg_norm=10.0)
+    guard.KEEP = 4  # rows are folded after 8 steps, then again after each further 4
+    for step in range(1, 21):
+        guard.defer("synthetic gradient", torch.tensor(1.0), "block1")
+        guard.defer("loss", torch.tensor(float("nan") if step == bad_step else 2.0))
+        guard.defer(
+            "synthetic gradient", torch.tensor(20.0 if bad_step and step == bad_step + 1 else 1.0), "block2"
+        )
+        guard.end_checks()
+    assert len(guard._rows) < 2 * guard.KEEP
+    if bad_step is None:
+        guard.check(step=20)
+        return
+    with pytest.raises(Divergence) as caught:
+        guard.check(step=20)
+    assert (caught.value.step, caught.value.quantity, caught.value.where) == (bad_step, "loss", "")
+    guard.defer("synthetic gradient", torch.tensor(20.0), "block1")
+    with pytest.raises(Divergence, match=r"at step 21: synthetic-gradient norm \(bound 10\) in block1 is 20"):
+        guard.check(step=21)
