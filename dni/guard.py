@@ -59,9 +59,10 @@ class Guard:
         bad = value[~torch.isfinite(value)].flatten()[0].item()
         return self._fail(quantity, bad, where)
 
-    def synthetic_gradient(self, gradient: Tensor, where: str) -> bool:
-        """True when an injected gradient is finite and its norm within `max_sg_norm`."""
-        norm = gradient.norm()
+    def synthetic_gradient(self, gradient: Tensor, where: str, norm: Tensor | None = None) -> bool:
+        """True when an injected gradient is finite and its norm (`norm`, if already computed)
+        within `max_sg_norm`."""
+        norm = gradient.norm() if norm is None else norm
         if not bool(torch.isfinite(norm)):
             return self._fail("synthetic gradient", norm.item(), where)
         if self.max_sg_norm < math.inf and norm.item() > self.max_sg_norm:

@@ -141,7 +141,7 @@ class DNI(nn.Module):
         # Under lambda-returns the target for the interface below leaves only once `delta` is here.
         sends_later = x.requires_grad and self.target_lambda > 0
         self.stats["norm"] = injected.norm().detach()
-        if self.guard.synthetic_gradient(injected, self.name):
+        if self.guard.synthetic_gradient(injected, self.name, norm=self.stats["norm"]):
             # Only the input needs a gradient when the block skips its update: it carries
             # the bootstrapped target down to the interface below.
             wants = list(self.block.parameters()) if update else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
@@ -18,8 +19,10 @@ from dni import (
     OracleSynthesizer,
     synthetic,
 )
-from dni.errors import Divergence
+from dni.errors import CheckpointError, Divergence
 from dni.guard import Guard
+from experiments.train import run
+from tests.conftest import compose_config
 from tests.helpers import batches
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
@@ -212,3 +215,34 @@ def test_deferred_checks_of_a_loop_that_never_reads_them_keep_the_first_bad_step
     guard.defer("synthetic gradient", torch.tensor(20.0), "block1")
     with pytest.raises(Divergence, match=r"at step 21: synthetic-gradient norm \(bound 10\) in block1 is 20"):
         guard.check(step=21)
+
+
+def _run(tmp_path, name: str, *overrides: str):
+    cfg = compose_config("debug=fast", "method=cdni", "trainer.progress=false", "device=cpu", *overrides)
+    run(cfg, tmp_path / name)
+    return tmp_path / name
+
+
+def _final_parts(run_dir):
+    (last,) = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1:]
+    return torch.load(last, weights_only=False)["method"]["parts"]
+
+
+def test_a_run_saved_by_the_per_interface_step_resumes_in_the_batched_one_exactly(tmp_path, caplog):
+    """Runs saved before the batched step existed have the per-interface optimiser layout."""
+    whole = _run(tmp_path, "whole", "method.batched=false")
+    saved = whole / "checkpoints" / "step_000000010.pt"
+    with caplog.at_level(logging.INFO):
+        resumed = _run(tmp_path, "resumed", f"resume={saved}", "resume_accepts_changes=true")
+    assert f"resuming from {saved} at step 10" in caplog.text
+    expected, got = _final_parts(whole), _final_parts(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_scheduled_run_resumed_with_the_other_layout_is_refused_in_one_sentence(tmp_path):
+    whole = _run(tmp_path, "whole", "method.batched=false", "scheduler=multistep")
+    saved = whole / "checkpoints" / "step_000000010.pt"
+    with pytest.raises(
+        CheckpointError, match=r"holds the schedules of 7 optimisers and this run has 1; resume"
+    ):
+        _run(tmp_path, "resumed", f"resume={saved}", "resume_accepts_changes=true", "scheduler=multistep")
