@@ -102,7 +102,7 @@ def test_runs_are_named_after_what_distinguishes_them(sweep):
     _, runs, _ = _tensorboard(folder)
     assert sorted(runs) == names  # TensorBoard's run list
     # Each job's log lines carry its name, on the console and in its log file.
-    job_lines = [line for line in result.stdout.splitlines() if "test error" in line]
+    job_lines = [line for line in result.stdout.splitlines() if "[dni.training]" in line]
     assert job_lines and all(line.split("]")[1].lstrip("[") in names for line in job_lines)
     assert "[3_method=cdni,optim.lr=0.01][dni" in (folder / names[3] / "train.log").read_text()
 
