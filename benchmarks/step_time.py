@@ -59,7 +59,9 @@ def load_data():
         return synthetic(num_train=60000, num_test=1000, shape=(1, 28, 28))
 
 
-def build_methods(data, depth: int, labels: list[str]) -> dict:
+def build_methods(data, depth: int, labels: list[str], overrides: tuple[str, ...] = ()) -> dict:
+    """The methods under `labels`, each with `overrides` added to its config (e.g. the same
+    optimiser implementation for all)."""
     torch.manual_seed(0)
     cfg = compose_config(f"model.depth={depth}")
     model = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
@@ -67,7 +69,7 @@ def build_methods(data, depth: int, labels: list[str]) -> dict:
     for label in labels:
         if not (REPO / "conf" / "method" / f"{VARIANTS[label][0].split('=')[1]}.yaml").exists():
             continue
-        cfg = compose_config(f"model.depth={depth}", *VARIANTS[label])
+        cfg = compose_config(f"model.depth={depth}", *VARIANTS[label], *overrides)
         factory = instantiate(cfg.method)
         methods[label] = factory(model=copy.deepcopy(model), optimizer=instantiate(cfg.optim))
     return methods
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--methods", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="config overrides for every method, e.g. +optim.fused=true"
+    )
     parser.add_argument("--default-run-steps", type=int, default=1000, help="0 to skip that measurement")
     args = parser.parse_args()
     if args.threads:
@@ -110,7 +115,7 @@ def main() -> None:
     data = load_data()
     stream = data.batches(args.batch_size, seed=0)
     batches = [next(stream) for _ in range(50)]
-    methods = build_methods(data, args.depth, args.methods)
+    methods = build_methods(data, args.depth, args.methods, tuple(args.override))
     limits = flop_limits(methods, batches[0], "bprop")
     load_before = os.getloadavg()
     times = time_steps(methods, batches, args.rounds, args.per_round)
@@ -119,6 +124,7 @@ def main() -> None:
     print(
         f"\nStep time, FCN with {args.depth} hidden layers of 256, batch {args.batch_size}, "
         f"{data.name}, {torch.get_num_threads()} threads, device cpu, torch {torch.__version__}"
+        + (f", every method with {' '.join(args.override)}" if args.override else "")
     )
     print(
         f"median of {args.rounds} rounds x {args.per_round} steps, methods in alternation; load average "

@@ -180,7 +180,8 @@ class DNI(nn.Module):
 
     def injected(self, prediction: Tensor) -> Tensor:
         """The gradient injected at `h` for a prediction of `B * dL/dh`: scaled, divided by B."""
-        return self.scale * prediction.detach() / prediction.shape[0]
+        scaled = prediction.detach() if self.scale == 1.0 else self.scale * prediction.detach()  # 1 * g is g
+        return scaled / prediction.shape[0]
 
     def _regress(self, prediction: Tensor, delta: Tensor, h: Tensor, context: Tensor | None) -> None:
         """Regress `M_k` towards the arriving gradient `delta = dL/dh` (scaled by B) in
