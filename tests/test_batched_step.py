@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from dni import (
+    CNN,
     FCN,
+    ConvSynthesizer,
     DecoupledNeuralInterfaces,
     LinearSynthesizer,
     MLPSynthesizer,
@@ -60,23 +62,23 @@ def data():
 
 def twins(dtype: torch.dtype, **options) -> tuple[DecoupledNeuralInterfaces, DecoupledNeuralInterfaces]:
     """A batched and a per-interface method from the same initial weights, in `dtype`."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        torch.manual_seed(0)
-        model = FCN((24,), 10, depth=3, width=32)
-        made = []
-        for batched in (True, False):
-            torch.manual_seed(1)  # the synthesizers' initial weights
-            made.append(
-                DecoupledNeuralInterfaces(
-                    copy.deepcopy(model), **{"optimizer": adam, **options}, batched=batched
-                )
-            )
-    finally:
-        torch.set_default_dtype(default)
+    torch.manual_seed(0)
+    model = FCN((24,), 10, depth=3, width=32)
+    made = []
+    for batched in (True, False):
+        torch.manual_seed(1)  # the synthesizers' initial weights
+        settings = {"optimizer": adam, **options, "batched": batched}
+        made.append(in_dtype(DecoupledNeuralInterfaces(copy.deepcopy(model), **settings), dtype))
     assert made[0].batched and not made[1].batched
+    assert {p.dtype for m in made for p in m.parts.parameters()} == {dtype}
     return made[0], made[1]
+
+
+def in_dtype(method: DecoupledNeuralInterfaces, dtype: torch.dtype) -> DecoupledNeuralInterfaces:
+    """`method` with every parameter and buffer in `dtype` (in place: its optimisers hold the
+    same parameters)."""
+    method.parts.to(dtype)
+    return method
 
 
 def run_steps(method, data, dtype, steps=STEPS, seed=0, rng=7) -> list[dict]:
@@ -108,6 +110,30 @@ def test_batched_step_is_bit_identical_to_the_per_interface_step(variant, dtype,
     assert_identical(batched, reference, outs_b, outs_r)
     assert not all(torch.equal(p, q) for p, q in zip(initial, batched.parts.parameters())), "nothing moved"
     batched.guard.check()  # nothing went bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_batched_step_is_bit_identical_on_a_cnn_with_conv_synthesizers(dtype):
+    conv = functools.partial(ConvSynthesizer, hidden_layers=1, channels=4)
+    torch.manual_seed(0)
+    model = CNN((1, 12, 12), 10, depth=3, channels=4)
+    made = []
+    for batched in (True, False):
+        torch.manual_seed(1)
+        method = DecoupledNeuralInterfaces(
+            copy.deepcopy(model), adam, conv, conditioned=True, batched=batched
+        )
+        made.append(in_dtype(method, dtype))
+    generator = torch.Generator().manual_seed(0)
+    stream = [
+        (
+            torch.randn(8, 1, 12, 12, generator=generator, dtype=dtype),
+            torch.randint(10, (8,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+    outs = [[{k: v.clone() for k, v in m.step(x, y).items()} for x, y in stream] for m in made]
+    assert_identical(*made, *outs)
 
 
 @pytest.mark.parametrize(

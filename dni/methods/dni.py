@@ -66,7 +66,10 @@ class DecoupledNeuralInterfaces(Method):
     `scale`, `sg_loss_weight` and the oracle synthesizer. Left to the per-interface step
     (`DNI.forward`, one interface after the other): `forward_unlock`, `target_lambda > 0` (its
     targets leave from a hook once `delta` arrives) and `guard.action="skip"` (skipping an
-    update must read the check at once).
+    update must read the check at once). The batched step reads nothing on the host: its
+    guard checks are deferred, and a divergence is raised when `guard.check` reads them (the
+    training loop does at every logging step and before every checkpoint; a loop of your own
+    calls it as often as it likes), naming the block, the quantity and the step it went bad at.
     """
 
     def __init__(
@@ -154,6 +157,9 @@ class DecoupledNeuralInterfaces(Method):
         serves = not forward_unlock and target_lambda == 0 and self.guard.action == "stop"
         self.batched = bool(batched) and serves
         self.merged_optimizers = _merge(self.part_optimizers)
+        # The batched step's gradient inputs, listed once (a module's parameters() walks it).
+        self._block_params = [list(i.block.parameters()) for i in self.interfaces]
+        self._head_params = list(self.head.parameters())
         self.optimizers = self.merged_optimizers if self.batched else self.part_optimizers
 
     def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
@@ -224,7 +230,7 @@ class DecoupledNeuralInterfaces(Method):
             optimizer.zero_grad(set_to_none=True)
         roots, injections, inputs, cuts, pending = [], [], [], [], []
         h = x
-        for interface in self.interfaces:
+        for interface, params in zip(self.interfaces, self._block_params):
             context = self.context(interface, labels)
             update = interface.draw_update()
             interface.steps_seen += 1
@@ -236,7 +242,7 @@ class DecoupledNeuralInterfaces(Method):
             norm = injected.norm().detach()
             interface.stats["norm"] = norm
             pending.append([("synthetic gradient", norm, interface.name)])
-            wants = list(interface.block.parameters()) if update else []
+            wants = list(params) if update else []
             if h.requires_grad:
                 wants.append(h)
             if wants:
@@ -249,7 +255,7 @@ class DecoupledNeuralInterfaces(Method):
         loss = self.loss(logits, y)
         roots.append(loss)
         injections.append(None)
-        inputs += [*self.head.parameters(), h]
+        inputs += [*self._head_params, h]
         torch.autograd.backward(roots, injections, inputs=inputs)
 
         # The synthesizers' regressions, each on its target (the per-interface `DNI._regress`).
