@@ -15,9 +15,16 @@ from dni.methods import (
     NoBackprop,
     RecurrentDNI,
 )
-from dni.models import CNN, FCN, BlockNet
+from dni.models import CNN, FCN, BlockNet, CharTransformer, ResNet
 from dni.recurrent import LSTMNet
-from dni.synthesizers import ConvSynthesizer, LinearSynthesizer, MLPSynthesizer, OracleSynthesizer
+from dni.splitting import split
+from dni.synthesizers import (
+    ConvSynthesizer,
+    LinearSynthesizer,
+    MLPSynthesizer,
+    OracleSynthesizer,
+    PositionwiseSynthesizer,
+)
 
 __all__ = [
     "DNI",
@@ -25,6 +32,7 @@ __all__ = [
     "BackwardNetwork",
     "BlockNet",
     "CNN",
+    "CharTransformer",
     "CheckpointError",
     "ClassificationData",
     "ConfigError",
@@ -44,7 +52,10 @@ __all__ = [
     "Method",
     "NoBackprop",
     "OracleSynthesizer",
+    "PositionwiseSynthesizer",
     "RecurrentDNI",
+    "ResNet",
+    "split",
     "synthetic",
     "vision",
 ]

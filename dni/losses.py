@@ -6,6 +6,7 @@ synthetic gradients deal with it). Targets are class indices or one-hot rows.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,8 +14,11 @@ from dni.errors import ConfigError
 
 
 def one_hot(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
-    """Labels as one-hot rows with the dtype and device of `like` (the cDNI context)."""
-    return F.one_hot(y, num_classes).to(like.dtype)
+    """Labels as one-hot rows (the cDNI context) with the device of `like` and its dtype, or
+    the default float dtype when `like` holds token ids. Labels `(B, T)` of a prediction at
+    every position give `(B, classes, T)`: classes in dim 1, the layout of the logits."""
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return F.one_hot(y, num_classes).movedim(-1, 1).to(dtype)
 
 
 class CrossEntropy:
