@@ -3,6 +3,7 @@
 from dni.methods.base import Method
 from dni.methods.bprop import Backprop
 from dni.methods.control import Controlled
+from dni.methods.dgl import DecoupledGreedy
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.methods.feedback import BackwardNetwork, DirectFeedbackAlignment, FeedbackAlignment
 from dni.methods.no_bprop import NoBackprop
@@ -13,6 +14,7 @@ __all__ = [
     "Backprop",
     "BackwardNetwork",
     "Controlled",
+    "DecoupledGreedy",
     "DecoupledNeuralInterfaces",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",
