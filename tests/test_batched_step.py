@@ -23,6 +23,7 @@ from dni import (
 )
 from dni.errors import CheckpointError, Divergence
 from dni.guard import Guard
+from dni.tracking import read_metrics
 from experiments.train import run
 from tests.conftest import compose_config
 from tests.helpers import batches
@@ -272,3 +273,15 @@ def test_a_scheduled_run_resumed_with_the_other_layout_is_refused_in_one_sentenc
         CheckpointError, match=r"holds the schedules of 7 optimisers and this run has 1; resume"
     ):
         _run(tmp_path, "resumed", f"resume={saved}", "resume_accepts_changes=true", "scheduler=multistep")
+
+
+def test_a_run_diverging_in_the_batched_step_records_what_the_per_interface_step_records(tmp_path):
+    """The same block, quantity and step, though the batched step's checks are read only at the
+    next logging step."""
+    records = []
+    for batched in ("true", "false"):
+        with pytest.raises(Divergence) as caught:
+            _run(tmp_path, batched, "method.scale=1e30", f"method.batched={batched}")
+        records.append((read_metrics(tmp_path / batched)["divergence"], str(caught.value)))
+    assert records[0] == records[1]
+    assert records[0][0]["where"].startswith("block") and records[0][0]["step"] % 5 != 0  # not a logging step
