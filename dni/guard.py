@@ -25,9 +25,9 @@ class Guard:
     so such a run ends "diverged" instead of "completed" with nothing learnt.
 
     Deferred checks (`defer`, `end_checks`, `check`) serve a step that must not wait on the
-    device (the batched DNI step): the step records its quantities as tensors, they are
-    folded into a running record without reading them, and `check` reads the record once,
-    raising `Divergence` for the first quantity that went bad, with the step it went bad at.
+    device (the batched DNI step): the step records its quantities as tensors, stacked into
+    one row per step and kept on the device, and `check` reads the rows in one go, raising
+    `Divergence` for the first quantity that went bad, with the step it went bad at.
     They exist for `action="stop"` only: skipping an update needs to know at once.
     """
 
@@ -99,7 +99,7 @@ class Guard:
                 self._bad(rows).any(1), torch.arange(len(older), device=rows.device), len(older)
             )
             first = first.min().clamp(max=len(older) - 1)  # the last row, if none is bad
-            positions = torch.tensor([p for p, _ in older], device=rows.device)
+            positions = torch.stack([torch.as_tensor(p, device=rows.device) for p, _ in older])
             self._rows = [(positions[first], rows[first]), *self._rows[self.KEEP :]]
 
     def _bad(self, rows: Tensor) -> Tensor:
