@@ -98,7 +98,7 @@ def _flat_output(kind: str, shape: tuple[int, ...]) -> int:
     if len(shape) != 1:
         raise ConfigError(
             f"the {kind} synthesizer needs flat activations but got shape {shape}; "
-            "use synthesizer=conv for convolutional models"
+            "use synthesizer=conv for convolutional models, or synthesizer=auto to pick by shape"
         )
     return shape[0]
 

@@ -40,6 +40,7 @@ from dni import checkpoint  # noqa: E402
 from dni.data import ClassificationData  # noqa: E402
 from dni.errors import ConfigError, DNIError, Interrupted, RunFolderError  # noqa: E402
 from dni.methods import Backprop  # noqa: E402
+from dni.splitting import split  # noqa: E402
 from dni.tracking import read_metrics, write_json  # noqa: E402
 from experiments.callbacks import RunFailed  # noqa: E402
 from experiments.sweep import hyperparameters, sweep_hparams  # noqa: E402
@@ -257,6 +258,19 @@ def _one_line(error: BaseException) -> str:
     return re.sub(r"\.\s+", "; ", text)
 
 
+def build_model(node: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """The model a `model` config names: one of ours, built for the data's shapes; or, with
+    `split`, any module by its `_target_`, cut after the submodules `split` names
+    (`dni.splitting.split`; `input_dtype` and `classes_last` go there too)."""
+    if "split" not in node:
+        return build(node)(input_shape=input_shape, num_classes=num_classes)
+    settings = OmegaConf.to_container(node, resolve=True)
+    cuts = settings.pop("split")
+    options = {key: settings.pop(key) for key in ("input_dtype", "classes_last") if key in settings}
+    factory = build(OmegaConf.create({**settings, "_partial_": True}))
+    return split(factory, at=cuts, input_shape=input_shape, num_classes=num_classes, **options)
+
+
 def run_hparams(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
     """The run's hyperparameters for TensorBoard's HPARAMS view, and whether the run declares
     the view's columns itself: a job of a planned sweep writes its sweep's keys instead,
@@ -280,7 +294,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with naming("dataset"):
         data = build(cfg.dataset).to(device)
     with naming("model"):
-        model = build(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     if not getattr(model, "recurrent", False) and not isinstance(data, ClassificationData):
         raise ConfigError(
             f"model={model.name} learns from labelled examples (as bprop, dni and cdni need), but "

@@ -10,7 +10,8 @@ from dni.data import ClassificationData, synthetic
 from dni.errors import ConfigError, DataNotFoundError
 from dni.methods import Method
 from dni.tasks import copy as copy_task
-from experiments.train import build, run
+from dni.tasks.windows import TokenWindows
+from experiments.train import build, build_model, run
 from tests.conftest import CONF, compose_config, data_root
 
 RECURRENT = ("dni.recurrent.", "dni.methods.recurrent.")  # sequence cores and their rules
@@ -52,10 +53,13 @@ def test_synthetic_data_set_instantiates():
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("method", options("method"))
 def test_every_model_and_method_instantiates(model, method):
-    synthesizer = ["synthesizer=conv"] if model == "cnn" else []
-    depth = [] if model == "lstm" else ["model.depth=2"]
+    synthesizer = {"cnn": ["synthesizer=conv"], "fcn": [], "lstm": []}.get(model, ["synthesizer=auto"])
+    depth = ["model.depth=2"] if "depth" in compose_config(f"model={model}").model else []
     cfg = compose_config(f"model={model}", f"method={method}", *depth, *synthesizer)
-    data = synthetic(num_train=64, num_test=8)
+    data = synthetic(num_train=64, num_test=8, shape=(3, 32, 32) if model == "torchvision" else (1, 28, 28))
+    if model == "transformer":  # token ids in, a next token at every position out
+        ids = torch.randint(11, (64, 16))
+        data = TokenWindows("tokens", ids, ids, ids, ids, num_classes=11)
     recurrent_model, recurrent_method = (cfg[g]._target_.startswith(RECURRENT) for g in ("model", "method"))
     if recurrent_model:  # an LSTM core refuses image data; with a sequence task it takes recurrent rules
         with pytest.raises(ConfigError, match="dataset=copy, repeat_copy or text"):
@@ -63,16 +67,16 @@ def test_every_model_and_method_instantiates(model, method):
         if not recurrent_method:
             return
         data = copy_task()
-    net = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
+    net = build_model(cfg.model, data.input_shape, data.num_classes)
     if recurrent_method and not recurrent_model:
         with pytest.raises(ConfigError, match="use model=lstm"):
             instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
         return
-    if model == "cnn" and method in ("backward_net", "fa", "dfa"):  # fully connected networks only
+    if model != "fcn" and method in ("backward_net", "fa", "dfa"):  # fully connected networks only
         with pytest.raises(ConfigError, match="use model=fcn"):
             instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
         return
-    if model == "cnn" and method.endswith("_unlocked"):  # the default input synthesizer is an MLP
+    if model != "fcn" and method.endswith("_unlocked"):  # the default input synthesizer is an MLP
         with pytest.raises(ConfigError, match="make method.input_synthesizer a dni.synthesizers.Conv"):
             instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
         return
@@ -102,6 +106,14 @@ def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path, monkeypatc
         overrides = [o for o in tiny() if not o.startswith(("dataset", "trainer.batch_size"))]
         overrides += [f"experiment={experiment}", "model.hidden_size=8", "dataset.eval_size=16"]
         overrides += ["trainer.batch_size=4", "trainer.diagnostics_every=2"]
+        result = run(compose_config(*overrides), tmp_path)
+        assert result["status"] == "completed" and result["steps"] == 3
+        return
+    if cfg.dataset._target_.endswith("char_windows"):  # a Transformer: Tiny Shakespeare's windows, shrunk
+        monkeypatch.setenv("DNI_DATA_ROOT", str(data_root()))
+        overrides = [o for o in tiny() if not o.startswith("dataset")] + [f"experiment={experiment}"]
+        overrides += ["dataset.num_train=64", "dataset.num_test=4", "dataset.length=16"]
+        overrides += ["model.depth=2", "model.width=16", "model.heads=2", "trainer.diagnostics_every=2"]
         result = run(compose_config(*overrides), tmp_path)
         assert result["status"] == "completed" and result["steps"] == 3
         return

@@ -123,8 +123,8 @@ def test_auxiliary_heads_fit_flat_map_and_sequence_activations():
 
 @pytest.mark.learning
 def test_dgl_learns_mnist(mnist):
-    """FCN 3x256 on MNIST, 600 steps of batch 128: DGL with linear auxiliary classifiers ends
-    near backprop (measured: DGL ~3.2%, backprop ~2.9% on this budget)."""
+    """FCN 3x256 on MNIST, 600 steps of batch 128, linear auxiliary classifiers (measured 3.4%
+    under the native kernels)."""
     torch.manual_seed(0)
     dgl = DecoupledGreedy(FCN((1, 28, 28), 10, depth=3, width=256), adam)
     for x, y in batches(mnist, 600, size=128):
