@@ -3,13 +3,17 @@ learns Tiny Shakespeare on a short budget."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from dni.errors import ConfigError
 from experiments.train import run
-from tests.conftest import compose_config, data_root
+from tests.conftest import REPO, compose_config, data_root
 from tests.helpers import assert_below
 
 TINY = [
@@ -72,3 +76,21 @@ def test_transformer_learns_tiny_shakespeare(variant, bound, tmp_path, monkeypat
     bpc = metrics["final"]["test/bpc"]
     assert math.isclose(bpc, metrics["test_loss"] / math.log(2))
     assert_below(f"Transformer 2x32 {variant} Tiny Shakespeare bpc, 300 steps", bpc, bound)
+
+
+@pytest.mark.slow
+def test_two_pipeline_stages_run_the_resnet(tmp_path):
+    """torchrun, 2 stages of experiment=resnet_mnist's ResNet with cDNI on tiny synthetic data:
+    feature maps cross the stage boundary and the run completes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "experiments" / "train.py"), "experiment=resnet_mnist", "method=cdni"]
+    command += ["parallel=pipeline", "dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64"]
+    command += ["trainer.steps=6", "trainer.batch_size=16", "trainer.eval_every=6", "device=cpu"]
+    command += [f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 6
+    assert metrics["parallel"]["stages"] == 2
