@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
+import sys
 
 import pytest
 import torch
@@ -285,3 +287,27 @@ def test_a_run_diverging_in_the_batched_step_records_what_the_per_interface_step
         records.append((read_metrics(tmp_path / batched)["divergence"], str(caught.value)))
     assert records[0] == records[1]
     assert records[0][0]["where"].startswith("block") and records[0][0]["step"] % 5 != 0  # not a logging step
+
+
+def test_the_batched_step_reads_nothing_on_the_host(data, monkeypatch):
+    """No `item`, `tolist` or truth test of a tensor from the library during ordinary steps (the
+    optimiser's own bookkeeping aside): what a device would have to wait for."""
+    batched, _ = twins(torch.float32, synthesizer=trained_linear, conditioned=True)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}dni{os.sep}" in caller and f"{os.sep}tests{os.sep}" not in caller:
+                reads.append((_name, caller, sys._getframe(1).f_lineno))
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for x, y in batches(data, 3):
+        batched.step(x, y)
+    assert reads == []
+    batched.step(x * float("nan"), y)
+    with pytest.raises(Divergence):
+        batched.guard.check(step=4)
+    assert reads, "the spy saw the check's read"
