@@ -33,6 +33,12 @@ from tests.helpers import batches
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 trained_linear = functools.partial(LinearSynthesizer, zero_init=False)  # nonzero from step 1
+
+
+class OwnAdam(torch.optim.Adam):
+    """An optimiser from outside torch: never merged, stepped once per step as it is."""
+
+
 trained_mlp = functools.partial(MLPSynthesizer, hidden=[16], zero_init=False)
 
 STEPS = 20
@@ -52,6 +58,9 @@ VARIANTS = {
     "oracle synthesizer": dict(synthesizer=OracleSynthesizer),
     "scale and sg weight": dict(synthesizer=trained_linear, scale=0.5, sg_loss_weight=2.0),
     "adam foreach": dict(synthesizer=trained_linear, optimizer=functools.partial(adam, foreach=True)),
+    "optimizer from outside torch": dict(
+        synthesizer=trained_linear, optimizer=functools.partial(OwnAdam, lr=1e-3)
+    ),
     "adam fused": dict(
         synthesizer=trained_linear, block_lr_scale=0.1, optimizer=functools.partial(adam, fused=True)
     ),
@@ -221,6 +230,8 @@ def test_batched_merges_the_optimisers_into_one_per_class():
     assert [type(o) for o in method.optimizers] == [torch.optim.Adam, torch.optim.SGD]
     assert len(method.part_optimizers) == 7
     assert method.optimizers[0].param_groups[0] is method.head_optimizer.param_groups[0]
+    own = DecoupledNeuralInterfaces(model, functools.partial(OwnAdam, lr=1e-3), LinearSynthesizer)
+    assert own.optimizers == own.part_optimizers
 
 
 @pytest.mark.parametrize("bad_step", [None, 3, 9, 17])

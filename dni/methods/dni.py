@@ -362,10 +362,13 @@ class DecoupledNeuralInterfaces(Method):
 
 def _merge(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
     """One optimiser per class over the param groups of `optimizers` (the same group dicts, so
-    a scheduler or a learning-rate change acts on both), in order of first appearance."""
+    a scheduler or a learning-rate change acts on both), in order of first appearance. Only
+    torch's own optimisers are merged, whose update of a parameter depends on its group alone;
+    any other stays as it is (and is still stepped once per step)."""
     classes: dict[type, list[torch.optim.Optimizer]] = {}
     for optimizer in optimizers:
-        classes.setdefault(type(optimizer), []).append(optimizer)
+        mergeable = type(optimizer).__module__.startswith("torch.optim.")
+        classes.setdefault(type(optimizer) if mergeable else optimizer, []).append(optimizer)
     merged = []
     for cls, group in classes.items():
         if len(group) == 1:
