@@ -322,3 +322,11 @@ def test_the_batched_step_reads_nothing_on_the_host(data, monkeypatch):
     with pytest.raises(Divergence):
         batched.guard.check(step=4)
     assert reads, "the spy saw the check's read"
+
+
+def test_optimisers_torch_cannot_merge_stay_as_they_are():
+    lbfgs = functools.partial(torch.optim.LBFGS, lr=0.1)  # one param group only
+    method = DecoupledNeuralInterfaces(
+        FCN((24,), 10, depth=2, width=8), lbfgs, LinearSynthesizer, synthesizer_optimizer=adam
+    )
+    assert [type(o) for o in method.optimizers] == [torch.optim.LBFGS] * 3 + [torch.optim.Adam]

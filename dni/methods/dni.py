@@ -372,9 +372,12 @@ def _merge(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimize
     merged = []
     for cls, group in classes.items():
         if len(group) == 1:
-            merged.append(group[0])
+            merged += group
             continue
-        merged.append(cls([g for o in group for g in o.param_groups], **group[0].defaults))
+        try:
+            merged.append(cls([g for o in group for g in o.param_groups], **group[0].defaults))
+        except (TypeError, ValueError):  # one group or none (LBFGS), or other arguments: as they are
+            merged += group
     return merged
 
 
