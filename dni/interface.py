@@ -105,6 +105,7 @@ class DNI(nn.Module):
         self.target_lambda = float(target_lambda)
         self.steps_seen = 0  # training passes so far; saved by the method with its checkpoints
         self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
+        synthesizer.where = name  # named in its own messages (a wrong shape, a missing context)
         self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
         self.guard = guard or Guard()
         self.name = name

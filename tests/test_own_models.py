@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from dni import (
+    DNI,
     Backprop,
     BlockNet,
     CharTransformer,
@@ -280,3 +281,10 @@ def test_dni_with_auto_synthesizers_trains_a_transformer_and_a_resnet(conditione
             out = method.step(x, y)
         assert torch.isfinite(out["loss"])
         assert all(s["loss"].isfinite() for s in (i.stats for i in method.interfaces))
+
+
+def test_an_interface_names_itself_when_its_cdni_synthesizer_gets_no_labels():
+    block = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+    interface = DNI(block, LinearSynthesizer((32,), context_dim=10), sgd, sgd, name="block2")
+    with pytest.raises(ConfigError, match="the synthesizer of block2 was built for a context of 10 features"):
+        interface(torch.randn(4, 8))  # cDNI's labels forgotten
