@@ -365,7 +365,10 @@ CHANGEABLE_ON_RESUME = (
     "report",
     "dataset.root",
     "dataset.download",
+    "method.batched",  # the batched step is bit-identical to the per-interface one
 )
+# Settings added since a checkpoint may have been written, with the value that trains as it did.
+ADDED_SINCE = {"method.target_lambda": 0.0}
 
 
 def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
@@ -385,7 +388,9 @@ def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
         return
     there, here = _flatten(saved.get("config") or {}), _flatten(_resolved(cfg))
     changed = sorted(
-        key for key in there.keys() | here.keys() if there.get(key) != here.get(key) and not _changeable(key)
+        key
+        for key in there.keys() | here.keys()
+        if there.get(key, ADDED_SINCE.get(key)) != here.get(key) and not _changeable(key)
     )
     if not changed:
         return

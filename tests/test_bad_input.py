@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from dni.errors import DNIError
 from dni.tracking import read_metrics
@@ -110,6 +111,21 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
     assert accepted["status"] == "completed" and accepted["steps"] == 20
     again = run(compose_config(*SHORT[:-1], "trainer.steps=30", "optim.lr=0.01"), tmp_path)
     assert again["steps"] == 30  # the accepted settings are now the checkpoint's
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_when_the_setting_keeps_its_old_meaning(tmp_path):
+    """Checkpoints written before `method.target_lambda` and `method.batched` existed lack them:
+    the first at 0 trains as those runs did, the second never changes a result."""
+    run(compose_config(*SHORT, "method=dni", "method.batched=false"), tmp_path)
+    record = tmp_path / "checkpoints" / "config.yaml"
+    saved = OmegaConf.load(record)
+    for key in ("target_lambda", "batched"):
+        del saved.config.method[key]
+    OmegaConf.save(saved, record)
+    with pytest.raises(DNIError, match=r"method.target_lambda \(absent there, 0.5 here\)"):
+        run(compose_config(*SHORT[:-1], "trainer.steps=20", "method=dni", "method.target_lambda=0.5"), tmp_path)
+    resumed = run(compose_config(*SHORT[:-1], "trainer.steps=20", "method=dni"), tmp_path)
+    assert resumed["status"] == "completed" and resumed["steps"] == 20
 
 
 def test_resume_with_another_optimizer_is_refused_before_it_fails(tmp_path):
