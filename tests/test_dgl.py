@@ -163,3 +163,28 @@ def test_dgl_and_backprop_agree_when_there_is_nothing_to_decouple():
     reference.step(x, y)
     head, theirs = model.blocks[-1], reference.model.blocks[-1]
     assert torch.allclose(head.weight, theirs.weight, atol=1e-6)
+
+
+def test_a_resumed_dgl_run_continues_exactly(tmp_path):
+    """Auxiliary classifiers and their optimiser state are saved with the blocks: 5 steps, then
+    5 more from the checkpoint, end where 10 uninterrupted steps end."""
+    from experiments.train import run
+    from tests.conftest import compose_config
+
+    settings = [
+        "method=dgl",
+        "dataset=synthetic",
+        "dataset.num_train=256",
+        "model.width=16",
+        "trainer.batch_size=32",
+        "trainer.eval_every=5",
+        "trainer.checkpoint_every=5",
+        "trainer.progress=false",
+        "device=cpu",
+    ]
+    whole = run(compose_config(*settings, "trainer.steps=10"), tmp_path / "whole")
+    run(compose_config(*settings, "trainer.steps=5"), tmp_path / "halves")
+    resumed = run(compose_config(*settings, "trainer.steps=10"), tmp_path / "halves")
+    assert resumed["steps"] == whole["steps"] == 10
+    assert resumed["test_loss"] == whole["test_loss"]
+    assert resumed["final"]["dgl/loss/block2"] == whole["final"]["dgl/loss/block2"]
