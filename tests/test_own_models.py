@@ -288,3 +288,30 @@ def test_an_interface_names_itself_when_its_cdni_synthesizer_gets_no_labels():
     interface = DNI(block, LinearSynthesizer((32,), context_dim=10), sgd, sgd, name="block2")
     with pytest.raises(ConfigError, match="the synthesizer of block2 was built for a context of 10 features"):
         interface(torch.randn(4, 8))  # cDNI's labels forgotten
+
+
+@pytest.mark.parametrize(
+    "build, at",
+    [
+        (
+            lambda: torchvision.models.VisionTransformer(
+                image_size=32,
+                patch_size=8,
+                num_layers=4,
+                num_heads=2,
+                hidden_dim=16,
+                mlp_dim=32,
+                num_classes=10,
+            ),
+            ["encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"],
+        ),
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), ["features.3", "features.8"]),
+        (lambda: torchvision.models.efficientnet_b0(num_classes=10), ["features.2", "features.5"]),
+    ],
+    ids=["vit", "mobilenet_v3_small", "efficientnet_b0"],
+)
+def test_split_other_torchvision_models_compute_their_output_exactly(build, at):
+    original = build().eval()  # stochastic depth and dropout off, so the two passes can agree
+    model = split(original, at, (3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert len(model.blocks) == len(at) + 1 and torch.equal(model(x), original(x))
