@@ -82,9 +82,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar but the timings, which no two runs share."""
+    """Every scalar but the timings, which no two runs share, and the `result/` columns of the
+    HPARAMS table, rewritten whenever metrics.json is (a checkpoint in one process, not in a
+    pipeline)."""
     found = read_scalars(run_dir)
-    return {tag: v for tag, v in found.items() if "samples_per_s" not in tag and "pipeline/" not in tag}
+    return {
+        tag: v
+        for tag, v in found.items()
+        if "samples_per_s" not in tag and "pipeline/" not in tag and not tag.startswith("result/")
+    }
 
 
 def single_process(settings: dict, out: Path) -> dict[str, list[tuple[int, float]]]:
