@@ -26,6 +26,7 @@ from dni.synthesizers import (
     OracleSynthesizer,
     PositionwiseSynthesizer,
 )
+from dni.training import Trainer
 
 __all__ = [
     "DNI",
@@ -57,6 +58,7 @@ __all__ = [
     "PositionwiseSynthesizer",
     "RecurrentDNI",
     "ResNet",
+    "Trainer",
     "split",
     "synthetic",
     "vision",

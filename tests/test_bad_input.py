@@ -123,7 +123,8 @@ def test_a_run_saved_before_a_setting_existed_resumes_when_the_setting_keeps_its
         del saved.config.method[key]
     OmegaConf.save(saved, record)
     with pytest.raises(DNIError, match=r"method.target_lambda \(absent there, 0.5 here\)"):
-        run(compose_config(*SHORT[:-1], "trainer.steps=20", "method=dni", "method.target_lambda=0.5"), tmp_path)
+        changed = compose_config(*SHORT[:-1], "trainer.steps=20", "method=dni", "method.target_lambda=0.5")
+        run(changed, tmp_path)
     resumed = run(compose_config(*SHORT[:-1], "trainer.steps=20", "method=dni"), tmp_path)
     assert resumed["status"] == "completed" and resumed["steps"] == 20
 

@@ -113,7 +113,8 @@ def test_lambda_returns_at_1_are_the_true_targets_and_at_0_the_bootstrapped_ones
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_target_lambda_outside_0_1_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"method.target_lambda=.* must lie in \[0, 1\]"):
-        DecoupledNeuralInterfaces(FCN((24,), 10, depth=2, width=8), adam, LinearSynthesizer, target_lambda=value)
+        model = FCN((24,), 10, depth=2, width=8)
+        DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, target_lambda=value)
 
 
 def test_warmup_keeps_blocks_still_while_synthesizers_learn(data):

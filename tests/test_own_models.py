@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import dni
 from dni import (
     DNI,
     Backprop,
@@ -315,3 +316,15 @@ def test_split_other_torchvision_models_compute_their_output_exactly(build, at):
     model = split(original, at, (3, 32, 32)).eval()
     x = torch.randn(2, 3, 32, 32)
     assert len(model.blocks) == len(at) + 1 and torch.equal(model(x), original(x))
+
+
+@pytest.mark.parametrize("method", [dni.DecoupledNeuralInterfaces, dni.Backprop, dni.DecoupledGreedy])
+def test_a_model_that_is_not_a_blocknet_is_refused_naming_the_wrapper(method):
+    sequential = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    extra = {"synthesizer": dni.LinearSynthesizer} if method is dni.DecoupledNeuralInterfaces else {}
+    with pytest.raises(
+        dni.ConfigError,
+        match=r"trains a BlockNet, not a Sequential; wrap your model with "
+        r"dni.BlockNet.from_sequential",
+    ):
+        method(sequential, torch.optim.Adam, **extra)

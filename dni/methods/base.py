@@ -36,6 +36,12 @@ class Method:
                 f"this method trains feed-forward networks (model=fcn or cnn), but model={model.name} is "
                 "a recurrent core; use method=bptt, rnn_dni or dni_aux with it"
             )
+        if not self.recurrent and not isinstance(model, BlockNet):
+            raise ConfigError(
+                f"{type(self).__name__} trains a BlockNet, not a {type(model).__name__}; wrap your model "
+                "with dni.BlockNet.from_sequential(model, input_shape) for an nn.Sequential, or "
+                "dni.split(model, at=[...], input_shape=...) to cut any module at named submodules"
+            )
         self.model = model
         self.loss = get_loss(loss)
         self.guard = guard or Guard()
