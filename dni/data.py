@@ -65,7 +65,8 @@ class ClassificationData:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 1000) -> dict[str, float]:
-        """Cross-entropy and error rate of `model`, in eval mode, over the test split."""
+        """Cross-entropy and error rate of `model`, in eval mode, over the test split: per
+        example, or per position where every example has a label at each position."""
         model.eval()
         loss = wrong = torch.zeros((), device=self.x_test.device)
         for i in range(0, len(self.y_test), batch_size):
@@ -73,7 +74,8 @@ class ClassificationData:
             target = self.y_test[i : i + batch_size]
             loss = loss + F.cross_entropy(logits, target, reduction="sum")
             wrong = wrong + (logits.argmax(1) != target).sum()
-        return {"loss": loss.item() / len(self.y_test), "error": wrong.item() / len(self.y_test)}
+        count = self.y_test.numel()
+        return {"loss": loss.item() / count, "error": wrong.item() / count}
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

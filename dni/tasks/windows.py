@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dni.data import ClassificationData
@@ -29,20 +28,11 @@ class TokenWindows(ClassificationData):
         move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
         return TokenWindows(self.name, num_classes=self.num_classes, **move)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Per-character cross-entropy in nats (`loss`), bits per character (`bpc`) and the rate
         of wrong next-character guesses (`error`) over the held-out windows, in eval mode."""
-        model.eval()
-        nats = wrong = torch.zeros((), device=self.x_test.device)
-        for i in range(0, len(self.y_test), batch_size):
-            logits = model(self.x_test[i : i + batch_size])
-            target = self.y_test[i : i + batch_size]
-            nats = nats + F.cross_entropy(logits, target, reduction="sum")
-            wrong = wrong + (logits.argmax(1) != target).sum()
-        count = self.y_test.numel()
-        loss = nats.item() / count
-        return {"loss": loss, "bpc": loss / math.log(2), "error": wrong.item() / count}
+        scores = super().evaluate(model, batch_size)
+        return {**scores, "bpc": scores["loss"] / math.log(2)}
 
 
 def char_windows(
