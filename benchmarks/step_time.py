@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--methods", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
-        "--override", nargs="*", default=[], help="config overrides for every method, e.g. +optim.fused=true"
+        "--override", nargs="*", default=[], help="config overrides for every method, e.g. optim.fused=true"
     )
     parser.add_argument("--default-run-steps", type=int, default=1000, help="0 to skip that measurement")
     args = parser.parse_args()

@@ -131,3 +131,17 @@ def test_paper_schedule_sets_the_papers_budget():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
     scheduler = instantiate(cfg.scheduler)(optimizer)
     assert sorted(scheduler.milestones) == [300_000, 400_000] and scheduler.gamma == 0.1
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+@pytest.mark.parametrize("method", ["bprop", "dni", "fa"])
+def test_every_optimiser_of_a_method_follows_the_optimiser_implementation(implementation, method):
+    """`optim.fused=true` (or `foreach`) reaches the head's, the blocks' and the synthesizers'
+    optimisers alike, so a comparison between methods stays fair."""
+    cfg = compose_config(f"method={method}", "model.depth=2", f"optim.{implementation}=true")
+    net = build_model(cfg.model, (1, 28, 28), 10)
+    built = instantiate(cfg.method)(model=net, optimizer=instantiate(cfg.optim))
+    groups = [g for o in built.optimizers for g in o.param_groups]
+    stepped = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) in stepped for p in built.parts.parameters() if p.requires_grad)
+    assert all(g[implementation] is True for g in groups)
