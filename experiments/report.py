@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         if key in overrides:
             overrides[key] = _keys(overrides[key])
     for key in ("curves", "versus", "title"):  # `--curves none`: no such figure
-        if str(overrides.get(key)).lower() in ("none", "null"):
+        if key in overrides and str(overrides[key]).lower() in ("none", "null"):
             overrides[key] = None
     spec = replace(base, **overrides)
     print(make_report(args.sweep_dir, spec).read_text())  # the table is this command's output

@@ -47,6 +47,10 @@ def test_table1_sweep_writes_its_table_and_curves(tmp_path):
     cdni_depth1 = next(r for r in runs if r.lookup("method") == "cdni" and r.lookup("model.depth") == 1)
     assert f"{100 * cdni_depth1.metrics['test_error']:.2f}" in rows[2]
 
+    (tmp_path / "curves.png").unlink()  # the script alone keeps the experiment's title and curves
+    main([str(tmp_path)])
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "report.md").read_text() == report
+
 
 def test_update_frequency_sweep_plots_error_against_p(tmp_path):
     result = run_cli(
