@@ -142,7 +142,8 @@ class DNI(nn.Module):
         # Under lambda-returns the target for the interface below leaves only once `delta` is here.
         sends_later = x.requires_grad and self.target_lambda > 0
         self.stats["norm"] = injected.norm().detach()
-        if self.guard.synthetic_gradient(injected, self.name, norm=self.stats["norm"]):
+        accepted = self.guard.synthetic_gradient(injected, self.name, norm=self.stats["norm"])
+        if accepted:
             # Only the input needs a gradient when the block skips its update: it carries
             # the bootstrapped target down to the interface below.
             wants = list(self.block.parameters()) if update else []
@@ -158,7 +159,7 @@ class DNI(nn.Module):
 
         def arrived(delta: Tensor) -> None:
             self._regress(g, delta if true_target is None else true_target, activation, context)
-            if sends_later:
+            if sends_later and accepted:  # a skipped step sends nothing down, as without lambda
                 self._send_down(x, injected, delta)
 
         out.register_hook(arrived)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
 from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
+from dni.guard import Guard
 from experiments.train import run
 from tests.conftest import CONF, compose_config
 from tests.helpers import assert_below, batches
@@ -108,6 +109,23 @@ def test_lambda_returns_at_1_are_the_true_targets_and_at_0_the_bootstrapped_ones
     injected = upper.injected(forward_without_stat_updates(upper.synthesizer, h2.detach()))
     (expected,) = torch.autograd.grad(h2, h1, 0.75 * injected + 0.25 * mixed[1] / len(x))
     assert torch.allclose(mixed[0], expected * len(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("target_lambda", [0.0, 0.5])
+def test_a_skipped_synthetic_gradient_sends_no_target_down_with_or_without_lambda(data, target_lambda):
+    """Under `guard.action=skip` a rejected synthetic gradient neither moves its block nor
+    reaches the synthesizer below, whether targets are bootstrapped or lambda-returns."""
+    torch.manual_seed(3)
+    x, y = next(batches(data, 1))
+    model = FCN((24,), 10, depth=2, width=32)
+    guard = Guard(action="skip", max_sg_norm=1e-12)  # rejects every nonzero synthetic gradient
+    method = DecoupledNeuralInterfaces(
+        model, adam, trained_linear, guard=guard, target_lambda=target_lambda, batched=False
+    )
+    method.step(x, y)
+    lower, upper = method.interfaces
+    assert upper.last_target is not None  # the head's true gradient still arrives
+    assert lower.last_target is None and guard.skipped == 2
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
