@@ -22,8 +22,8 @@ from dni.distributed.stage import check_boundaries
 from dni.errors import ConfigError
 from dni.interface import DNI
 from dni.methods import Backprop, DecoupledNeuralInterfaces
-from dni.models import FCN
-from dni.synthesizers import LinearSynthesizer, MLPSynthesizer
+from dni.models import FCN, CharTransformer
+from dni.synthesizers import LinearSynthesizer, MLPSynthesizer, auto
 from experiments.train import run
 from tests import pipeline_worker
 from tests.conftest import REPO, compose_config, data_root, read_scalars
@@ -100,6 +100,16 @@ def single_process(settings: dict, out: Path) -> dict[str, list[tuple[int, float
 
 
 # -- splitting a method into stages ---------------------------------------------------------
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_a_language_model_is_balanced_with_token_ids_and_a_label_at_every_position(conditioned):
+    """The cost probe feeds the model what it takes (token ids, not floats) and cDNI's
+    synthesizers a one-hot label at every position."""
+    model = CharTransformer((16,), 11, depth=3, width=32, heads=4)
+    method = DecoupledNeuralInterfaces(model, torch.optim.Adam, auto, conditioned=conditioned)
+    cuts = balanced_boundaries(method, 2)
+    assert len(cuts) == 1 and cuts[0] in method.cuts
+
+
 def test_stages_are_balanced_by_compute_and_boundaries_are_checked():
     fcn = DecoupledNeuralInterfaces(FCN((1, 28, 28), 10), torch.optim.Adam, LinearSynthesizer)
     # Block 1 (784 -> 256) costs about as much as blocks 2 and 3 (256 -> 256) together.

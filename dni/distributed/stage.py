@@ -175,8 +175,10 @@ def _segment_costs(method: DecoupledNeuralInterfaces, batch_size: int) -> list[f
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()  # no BatchNorm statistics are touched
-    x = torch.zeros(batch_size, *model.input_shape, device=device)
-    labels = torch.zeros(batch_size, method.num_classes, device=device)
+    # Token ids for a language model, images otherwise; one-hot labels shaped like the logits
+    # (a label at every position for a sequence model).
+    x = torch.zeros(batch_size, *model.input_shape, device=device, dtype=getattr(model, "input_dtype", None))
+    labels = torch.zeros(batch_size, *model.activation_shapes()[-1], device=device)
     costs, h = [], x
     try:
         for interface in method.interfaces:
