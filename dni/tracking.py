@@ -41,6 +41,13 @@ STATUS_CODES = {"completed": 0, "running": 1, "interrupted": 2, "diverged": 3, "
 ABSENT = "n/a"
 
 
+# The backprop control's own curves (`control/train/...`, `control/test/...`): TensorBoard
+# gets them as a run of their own, `<run>/control`, under the method's tag names, so each
+# chart draws the method and its control in two colours; metrics.json keeps the full tags.
+CONTROL_RUN = "control"
+_CONTROL_CURVES = ("control/train/", "control/test/")
+
+
 class Tracker:
     """Writes scalars to TensorBoard and keeps what `metrics.json` needs.
 
@@ -50,14 +57,22 @@ class Tracker:
 
     def __init__(self, out_dir: str | os.PathLike, info: dict[str, Any], purge_step: int | None = None):
         self.out_dir = Path(out_dir)
+        self.purge_step = purge_step
         self.writer = SummaryWriter(str(self.out_dir), purge_step=purge_step)
+        self.control_writer: SummaryWriter | None = None  # opened at the control's first scalar
         self.info = dict(info)
         self.last: dict[str, float] = {}
         self.history: dict[str, list[list[float]]] = {}
 
     def scalars(self, values: dict[str, float], step: int, history: bool = False) -> None:
         for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+            if tag.startswith(_CONTROL_CURVES):
+                if self.control_writer is None:
+                    folder = self.out_dir / CONTROL_RUN
+                    self.control_writer = SummaryWriter(str(folder), purge_step=self.purge_step)
+                self.control_writer.add_scalar(tag.removeprefix(CONTROL_RUN + "/"), value, step)
+            else:
+                self.writer.add_scalar(tag, value, step)
             self.last[tag] = value
             if history:
                 self.history.setdefault(tag, []).append([step, value])
@@ -117,8 +132,16 @@ class Tracker:
             end = plugin_data_pb2.SessionEndInfo(status=_SESSION_STATUS.get(status, api_pb2.STATUS_FAILURE))
             self.writer.file_writer.add_summary(_hparams_summary(session_end_info=end))
 
+    def flush(self) -> None:
+        """Put every event written so far on disk (before a checkpoint: later ones are purged)."""
+        for writer in (self.writer, self.control_writer):
+            if writer is not None:
+                writer.flush()
+
     def close(self) -> None:
         self.writer.close()
+        if self.control_writer is not None:
+            self.control_writer.close()
 
     def state_dict(self) -> dict:
         return {"last": self.last, "history": self.history}
