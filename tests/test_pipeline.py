@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dni import checkpoint
 from dni.distributed import Pipeline, balanced_boundaries
 from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
@@ -208,6 +209,80 @@ def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in values], rel=1e-5, abs=1e-7), tag
     metrics = json.loads((tmp_path / "pipeline" / "metrics.json").read_text())
     assert metrics["parallel"]["stages"] == world and metrics["stages"][0]["staleness_max"] == 0
+
+
+# -- checkpoints and resume -----------------------------------------------------------------
+def run_to_end(world: int, settings: dict, logs: Path) -> None:
+    procs = spawn(world, settings, logs)
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [0] * world, (logs / "0.log").read_text()[-2000:]
+
+
+def final_parts(run_dir: Path, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every stage's blocks and synthesizers in the checkpoint of the run's last step."""
+    (last,) = checkpoint.checkpoints(run_dir)[-1:]
+    step = checkpoint.step_of(last)
+    shards = [None, *(f"stage{k}" for k in range(1, world))]
+    return [
+        torch.load(checkpoint.path_of(run_dir, step, shard), weights_only=False)["stage"]["parts"]
+        for shard in shards
+    ]
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without what measures time, which no two runs share."""
+    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "samples_per_s", "stages")}
+    kept["final"] = {
+        k: v for k, v in metrics["final"].items() if "samples_per_s" not in k and "pipeline/" not in k
+    }
+    return kept
+
+
+def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
+    """Two gloo processes, staleness 0, a checkpoint every 10 steps: rank 1 is SIGKILLed after
+    the checkpoint of step 20, rank 0 stops on the lost peer, and the same command started again
+    resumes from the newest checkpoint both ranks hold. Its weights, synthesizers, metrics.json
+    and every logged number equal an uninterrupted run's, bit for bit, each step logged once."""
+    world, base = 2, {"steps": 40, "staleness": 0, "checkpoint_every": 10, "eval_every": 10}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_to_end(world, {**base, "out": str(whole)}, tmp_path / "logs-whole")
+
+    settings = {**base, "out": str(resumed)}
+    procs = spawn(world, {**settings, "step_sleep": 0.05}, tmp_path / "logs-killed")
+    try:
+        saved = [checkpoint.path_of(resumed, 20), checkpoint.path_of(resumed, 20, "stage1")]
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in saved):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint"
+            time.sleep(0.002)
+        procs[1].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [1, -signal.SIGKILL], codes
+    killed = json.loads((resumed / "metrics.json").read_text())
+    assert killed["status"] == "failed" and 20 <= killed["steps"] < 40
+
+    logs = tmp_path / "logs-resumed"
+    run_to_end(world, settings, logs)  # the same command, into the same folder
+    assert f"resuming from {checkpoint.path_of(resumed, 20)} at step 20" in (logs / "0.log").read_text()
+    assert (
+        f"resuming from {checkpoint.path_of(resumed, 20, 'stage1')} at step 20"
+        in (logs / "1.log").read_text()
+    )
+
+    for expected, got in zip(final_parts(whole, world), final_parts(resumed, world)):
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ours, theirs = (
+        json.loads((resumed / "metrics.json").read_text()),
+        json.loads((whole / "metrics.json").read_text()),
+    )
+    assert ours["status"] == "completed" and comparable(ours) == comparable(theirs)
+    got, expected = scalars(resumed), scalars(whole)
+    assert got == expected and [s for s, _ in got["train/loss"]] == list(range(1, 41))
 
 
 # -- learning, through the runner -----------------------------------------------------------

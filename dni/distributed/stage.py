@@ -45,6 +45,34 @@ class Stage:
             found += [o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o]
         return found
 
+    def parts(self, method: DecoupledNeuralInterfaces | None = None) -> nn.ModuleList:
+        """What the stage trains, in `method` (by default its own): its blocks (the head's too, on
+        the last stage), and its interfaces' synthesizers and input synthesizers."""
+        method = method or self.method
+        found = [*method.model.blocks[self.start : self.end]]
+        for k, interface in enumerate(method.interfaces):
+            if self.start < method.cuts[k] <= self.end:
+                found += [interface.synthesizer, *filter(None, [interface.input_synthesizer])]
+        return nn.ModuleList(found)
+
+    def state_dict(self) -> dict:
+        """Everything the stage's training depends on: its parts, their optimisers, its
+        interfaces' step counts and the divergence guard's counts (of this process)."""
+        return {
+            "parts": self.parts().state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers()],
+            "interface_steps": [i.steps_seen for i in self.interfaces],
+            "guard": self.method.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.parts().load_state_dict(state["parts"])
+        for optimizer, saved in zip(self.optimizers(), state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for interface, seen in zip(self.interfaces, state["interface_steps"], strict=True):
+            interface.steps_seen = seen
+        self.method.guard.load_state_dict(state["guard"])
+
     def labels(self, x: Tensor, y: Tensor) -> Tensor:
         return one_hot(y, self.method.num_classes, like=x)
 
