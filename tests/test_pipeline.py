@@ -191,11 +191,14 @@ def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch):
 
 def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
     """Staleness 0: every stage waits for batch t's target before batch t+1, which is exactly
-    the order of the single-process step, so every logged number matches to float tolerance.
-    Three stages (a middle one sends and receives both ways), forward unlocking on (stages 1
-    and 2 train on a predicted input before the real one arrives)."""
+    the order of the single-process step, so every logged number matches to float tolerance:
+    the gradient-fidelity diagnostics too (`sg/cosine/...`, `align/...`, `drift/...`), measured
+    on rank 0 from every stage's weights and synthesizers after the same steps, on the same
+    batches. Three stages (a middle one sends and receives both ways), forward unlocking on
+    (stages 1 and 2 train on a predicted input before the real one arrives)."""
     world = 3
     settings = {"forward_unlock": True, "steps": 24, "staleness": 0, "out": str(tmp_path / "pipeline")}
+    settings["diagnostics_every"] = 6
     procs = spawn(world, settings, tmp_path / "logs")
     try:
         codes = [p.wait(timeout=120) for p in procs]
@@ -204,6 +207,8 @@ def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
     assert codes == [0] * world, (tmp_path / "logs" / "0.log").read_text()[-2000:]
     got, expected = scalars(tmp_path / "pipeline"), single_process(settings, tmp_path / "single")
     assert got.keys() == expected.keys() and len(got["train/loss"]) == 24
+    for tag in ("sg/cosine/block1", "sg/rel_error/block3", "align/cosine/block2", "drift/block4"):
+        assert [s for s, _ in got[tag]] == [1, 7, 13, 19], tag
     for tag, values in expected.items():
         assert [s for s, _ in got[tag]] == [s for s, _ in values], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in values], rel=1e-5, abs=1e-7), tag
@@ -247,6 +252,7 @@ def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
     resumes from the newest checkpoint both ranks hold. Its weights, synthesizers, metrics.json
     and every logged number equal an uninterrupted run's, bit for bit, each step logged once."""
     world, base = 2, {"steps": 40, "staleness": 0, "checkpoint_every": 10, "eval_every": 10}
+    base["diagnostics_every"] = 10  # those after step 20, logged at 21, come from the checkpoint
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_to_end(world, {**base, "out": str(whole)}, tmp_path / "logs-whole")
 
@@ -283,6 +289,7 @@ def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
     assert ours["status"] == "completed" and comparable(ours) == comparable(theirs)
     got, expected = scalars(resumed), scalars(whole)
     assert got == expected and [s for s, _ in got["train/loss"]] == list(range(1, 41))
+    assert [s for s, _ in got["sg/cosine/block1"]] == [1, 11, 21, 31]
 
 
 # -- learning, through the runner -----------------------------------------------------------

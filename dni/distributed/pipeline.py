@@ -116,8 +116,6 @@ class Pipeline:
         else from the newest checkpoint in `out_dir` that every rank holds intact."""
         _check_method(method)
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        if rank == 0 and trainer.diagnostics_every:
-            log.warning("gradient-fidelity diagnostics need the whole model in one process; off here")
         stages = self.stages or world
         if stages != world:
             raise ConfigError(
@@ -262,7 +260,13 @@ def _fingerprint(
         "data": (data.name, data.num_train),
         "first labels": y[:16].tolist(),
         "budget": (trainer.total_steps(data.num_train), trainer.batch_size, trainer.seed),
-        "schedule": (trainer.log_every, trainer.eval_every, trainer.checkpoint_every, staleness),
+        "schedule": (
+            trainer.log_every,
+            trainer.eval_every,
+            trainer.checkpoint_every,
+            trainer.diagnostics_every,
+            staleness,
+        ),
         "activations": method.model.activation_shapes(),
         "parameters": sum(p.numel() for p in method.parts.parameters()),
         "boundaries": boundaries,
@@ -336,15 +340,21 @@ class _StageRun:
 
     def _schedule(self, start: int) -> None:
         """The steps after `start` whose reports rank 0 writes: each `log_every` and `eval_every`
-        step, and the last."""
-        every = (self.trainer.log_every, self.trainer.eval_every)
-        self.report_steps = [
-            s for s in range(start + 1, self.total + 1) if s == self.total or any(s % e == 0 for e in every)
-        ]
-        self.report_set = set(self.report_steps)
-        self.eval_steps = {
-            s for s in self.report_steps if s == self.total or s % self.trainer.eval_every == 0
+        step, the last, and each `diagnostics_every` step, after which every stage also sends
+        its synthesizers (diagnostics after step 0 need none: every rank starts alike)."""
+        trainer, total = self.trainer, self.total
+        every = trainer.diagnostics_every
+        self.diagnosed = {s for s in range(start, total) if every and s % every == 0}
+        self.logged = {
+            s
+            for s in range(start + 1, total + 1)
+            if s == total or s % trainer.log_every == 0 or s % trainer.eval_every == 0
         }
+        self.report_steps = sorted(self.logged | {s for s in self.diagnosed if s > start})
+        self.report_set = set(self.report_steps)
+        self.eval_steps = {s for s in self.report_steps if s == total or s % trainer.eval_every == 0}
+        self.weights = {s: "blocks" for s in self.eval_steps}
+        self.weights.update({s: "full" for s in self.diagnosed if s > start})
 
     def _links(self, backend: str, start: int) -> None:
         k, stage = self.rank, self.stage
@@ -387,7 +397,7 @@ class _StageRun:
             def report(i: int, j: int = j) -> str:
                 return f"stage 0: the report of stage {j} for step {self.report_steps[i]}"
 
-            buffers = report_buffers(self.stages[j], self.report_steps, self.eval_steps)
+            buffers = report_buffers(self.stages[j], self.report_steps, self.weights)
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
 
     # -- checkpoints --------------------------------------------------------------------
@@ -425,7 +435,7 @@ class _StageRun:
                 "batches": batches.state_dict(),
                 "task": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
                 "schedulers": [s.state_dict() for s in schedulers],
-                "record": self.record.state_dict() if self.record is not None else None,
+                "record": self.record.state_dict(step) if self.record is not None else None,
             }
             run.save(step, state)
         self.last_checkpoint = step
@@ -468,11 +478,17 @@ class _StageRun:
         self._schedule(start)
         self._links(self.backend, start)
         if self.rank == 0:
-            self.record = Record(
-                run, self.stages, self.data, self.report_steps, self.eval_steps, self.report_inboxes
-            )
+            schedule = {
+                "steps": self.report_steps,
+                "logged": self.logged,
+                "eval_steps": self.eval_steps,
+                "diagnostics": {s for s in self.diagnosed if s > start},
+            }
+            self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
             if restored:
-                self.record.load_state_dict(restored["record"])
+                self.record.load_state_dict(restored["record"], start)
+            elif 0 in self.diagnosed:
+                self.record.diagnose(0, _peek(batches))
         pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
         self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
         progress = self.trainer.progress and self.rank == 0
@@ -513,6 +529,8 @@ class _StageRun:
                         bar.update()
                         if step in self.report_set:
                             self._report(step, metrics)
+                        if self.record is not None and step in self.diagnosed:
+                            self.record.diagnose(step, _peek(batches))  # the batch of the next step
                         if run.due(step):
                             self._save(run, step, batches, schedulers)
                         if self.record is not None:
@@ -588,12 +606,20 @@ class _StageRun:
         with self.clock.aside():
             raw = self.clock.close_window(self.method.guard.skipped)
             scalars = {**metrics, **self.stage.stats()}  # the stats after this step's targets
-            vector = encode(self.stage, raw, scalars, weights=step in self.eval_steps)
+            vector = encode(self.stage, raw, scalars, weights=self.weights.get(step))
         if self.record is not None:
             self.record.add(0, step, vector)
         else:
             with self.clock.waiting("send"):
                 self.reports_out.send(vector)
+
+
+def _peek(batches: Any) -> tuple[Tensor, Tensor]:
+    """The next batch of the stream, which stays where it was."""
+    state = batches.state_dict()
+    batch = next(batches)
+    batches.load_state_dict(state)
+    return batch
 
 
 def _gather(value: Any, world: int) -> list[Any]:

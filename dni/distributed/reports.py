@@ -117,8 +117,9 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: bool) -> Tensor:
-    """A stage's report: raw measurements, its scalars (NaN when missing), its weights if asked."""
+def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: str | None) -> Tensor:
+    """A stage's report: raw measurements, its scalars (NaN when missing), and its weights if
+    asked: "blocks" (for evaluation), or "full" (with the synthesizers', for diagnostics)."""
     values = list(raw)
     for key in stage.report_keys():
         value = scalars.get(key)
@@ -126,24 +127,28 @@ def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: 
     device = next(stage.method.model.parameters()).device
     parts = [torch.tensor(values, dtype=torch.float64, device=device)]
     if weights:
-        parts.append(stage.state_vector())
+        parts.append(stage.state_vector(full=weights == "full"))
     return torch.cat(parts)
 
 
-def report_buffers(stage: Stage, steps: list[int], eval_steps: set[int]) -> Callable[[int], Tensor]:
-    """Allocates the buffer for report i of `stage` (see `encode`)."""
+def report_buffers(stage: Stage, steps: list[int], weights: dict[int, str]) -> Callable[[int], Tensor]:
+    """Allocates the buffer for report i of `stage` (see `encode`; `weights` by step)."""
     device = next(stage.method.model.parameters()).device
     size = len(RAW) + len(stage.report_keys())
-    sizes = [size + (stage.state_size() if s in eval_steps else 0) for s in steps]
+    sizes = [size + (stage.state_size(weights[s] == "full") if s in weights else 0) for s in steps]
     return lambda i: torch.empty(sizes[i], dtype=torch.float64, device=device)
 
 
 class Record:
     """Rank 0's record of the pipeline's run, kept through `run` (`dni.run.Run`): each stage's
-    reports, written to TensorBoard once every stage has reported a step, in step order, and
-    the test metrics of the model assembled from the stages' weights of that step.
+    reports, written once every stage has reported a step, in step order; the test metrics of
+    the model assembled from the stages' weights of that step; and at the steps `diagnostics`
+    names, the gradient fidelity of the method assembled likewise, on that step's batch.
 
     `add` takes rank 0's own reports, `collect` the others' from `inboxes` (stage -> inbox).
+    `steps` are the report steps, `logged` those whose scalars are written, `weights` what
+    weights the reports of a step carry ("blocks" or "full"), `eval_steps` and `diagnostics`
+    the steps after which the assembled model is tested and measured.
     """
 
     def __init__(
@@ -151,15 +156,18 @@ class Record:
         run: Run,
         stages: list[Stage],
         data: Any,
-        steps: list[int],
-        eval_steps: set[int],
+        schedule: dict[str, Any],
         inboxes: dict[int, Inbox],
     ):
-        self.run, self.stages, self.data, self.steps, self.eval_steps = run, stages, data, steps, eval_steps
-        self.inboxes = inboxes
+        self.run, self.stages, self.data, self.inboxes = run, stages, data, inboxes
+        self.steps, self.logged = schedule["steps"], schedule["logged"]
+        self.eval_steps, self.diagnostics = schedule["eval_steps"], schedule["diagnostics"]
         method = stages[0].method
         self.lr = method.optimizers[0].param_groups[0]
-        self.eval_model = copy.deepcopy(method.model)  # assembled from the stages' weights of one step
+        # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
+        self.assembled = copy.deepcopy(method)
+        self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
+        self.measured: tuple[int, dict[str, float]] | None = None  # the latest diagnostics
         self.arrived: dict[int, dict[int, Tensor]] = {}
         self.written = 0
         self.totals = [dict.fromkeys(RAW, 0.0) for _ in stages]
@@ -174,11 +182,24 @@ class Record:
             "stages": [{k: round(v, 4) for k, v in shares(t).items()} for t in self.totals],
         }
 
-    def state_dict(self) -> dict:
-        return {"totals": self.totals}
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint of `step` keeps of the record: the stages' totals, and the
+        diagnostics taken after `step` (logged at `step + 1`, which a resumed run logs again)."""
+        measured = self.measured[1] if self.measured and self.measured[0] == step else None
+        return {"totals": self.totals, "diagnostics": measured}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int) -> None:
         self.totals = [{**dict.fromkeys(RAW, 0.0), **t} for t in state["totals"]]
+        if state.get("diagnostics"):
+            self.run.tracker.scalars(state["diagnostics"], step + 1)
+
+    def diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Measure after `step` on `batch` (the next one): now for step 0, whose weights are
+        every rank's initial ones; else once every stage's weights of that step are in."""
+        if step == 0:
+            self._diagnose(0, batch)
+        else:
+            self.batches[step] = batch
 
     def add(self, stage: int, step: int, vector: Tensor) -> None:
         self.arrived.setdefault(step, {})[stage] = vector
@@ -215,9 +236,21 @@ class Record:
             scalars.update({f"pipeline/stage{k}/{key}": v for key, v in shares(raw).items()})
             if stage.last:  # what leaves the pipeline
                 scalars["train/samples_per_s"] = shares(raw)["samples_per_s"]
-        self.run.tracker.scalars(scalars, step)
+            if step in self.eval_steps or step in self.diagnostics:
+                weights = vectors[k][len(RAW) + len(keys) :]
+                stage.load_state_vector(weights, self.assembled, full=step in self.diagnostics)
+        if step in self.logged:
+            self.run.tracker.scalars(scalars, step)
         if step in self.eval_steps:
-            for k, stage in enumerate(self.stages):
-                stage.load_state_vector(vectors[k][len(RAW) + len(stage.report_keys()) :], self.eval_model)
-            results = {f"test/{key}": v for key, v in self.data.evaluate(self.eval_model).items()}
+            results = {f"test/{key}": v for key, v in self.data.evaluate(self.assembled.model).items()}
             self.run.evaluated(step, results)
+        if step in self.diagnostics:
+            self._diagnose(step, self.batches.pop(step))
+
+    def _diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Gradient fidelity of the assembled method after `step`, logged at `step + 1` as one
+        process logs the measurement it takes before training on that batch."""
+        self.assembled.train()
+        values = self.assembled.diagnostics(*batch)
+        self.run.tracker.scalars(values, step + 1)
+        self.measured = (step, values)
