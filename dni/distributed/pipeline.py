@@ -334,9 +334,6 @@ class _StageRun:
         }
         self.clock = Clock()
         self.record: Record | None = None
-        head = " and the head" if self.stage.last else ""
-        where = f"blocks {self.stage.start + 1}-{self.stage.end}{head}"
-        log.info("stage %d of %d: %s, staleness bound %d, %s", rank, world, where, self.staleness, backend)
 
     def _schedule(self, start: int) -> None:
         """The steps after `start` whose reports rank 0 writes: each `log_every` and `eval_every`
@@ -477,6 +474,16 @@ class _StageRun:
         start = self.last_checkpoint = run.start
         self._schedule(start)
         self._links(self.backend, start)
+        head = " and the head" if stage.last else ""
+        where = f"blocks {stage.start + 1}-{stage.end}{head}"
+        log.info(
+            "stage %d of %d: %s, staleness bound %d, %s",
+            self.rank,
+            self.world,
+            where,
+            self.staleness,
+            self.backend,
+        )
         if self.rank == 0:
             schedule = {
                 "steps": self.report_steps,
