@@ -20,7 +20,7 @@ from dni import checkpoint
 from dni.distributed import Pipeline, balanced_boundaries
 from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
-from dni.errors import ConfigError
+from dni.errors import CheckpointError, ConfigError
 from dni.interface import DNI
 from dni.methods import Backprop, DecoupledNeuralInterfaces
 from dni.models import FCN, CharTransformer
@@ -244,6 +244,35 @@ def comparable(metrics: dict) -> dict:
         k: v for k, v in metrics["final"].items() if "samples_per_s" not in k and "pipeline/" not in k
     }
     return kept
+
+
+def test_resume_names_a_checkpoint_or_a_folder_and_refuses_another_split(tmp_path, monkeypatch):
+    """`resume=` as in one process: a pipeline checkpoint file continues from exactly that step,
+    into another folder, to the weights the run reached; a checkpoint of another number of
+    stages is refused naming the difference."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"steps": 20, "checkpoint_every": 10, "eval_every": 10}
+    method, data, trainer = pipeline_worker.build(settings)
+    whole = tmp_path / "whole"
+    Pipeline(stages=1).fit(method, data, trainer, whole)
+    assert [checkpoint.step_of(p) for p in checkpoint.checkpoints(whole)] == [10, 20]
+
+    method, data, trainer = pipeline_worker.build(settings)
+    again = Pipeline(stages=1).fit(
+        method, data, trainer, tmp_path / "again", resume=checkpoint.path_of(whole, 10)
+    )
+    assert again["status"] == "completed" and again["steps"] == 20
+    (expected,), (got,) = final_parts(whole, 1), final_parts(tmp_path / "again", 1)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert comparable(again) == comparable(json.loads((whole / "metrics.json").read_text()))
+
+    state = torch.load(checkpoint.path_of(whole, 20), weights_only=False)
+    state["signature"]["stage"] = "0 of 2"  # as a 2-stage run would have written it
+    checkpoint.save(tmp_path / "other", 20, state)
+    method, data, trainer = pipeline_worker.build(settings)
+    with pytest.raises(CheckpointError, match="belongs to another run .stage='0 of 2' there, '0 of 1' here"):
+        Pipeline(stages=1).fit(method, data, trainer, tmp_path / "other")
 
 
 def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
