@@ -44,6 +44,9 @@ class Run:
         shard: this process's part of each checkpoint (`checkpoint.path_of`); None for the file
             that holds the run's own state.
         fields: what every `metrics.json` of the run carries besides (a pipeline's settings).
+        batches, schedulers, data: the loop's batch stream, learning-rate schedules and task,
+            saved and restored with the run (with the random generators, they are what makes
+            a resumed step the step an uninterrupted run would take, besides the model).
 
     The loop sets `measures` to what it measured over the run (throughput, skipped updates),
     added to the summary whenever `metrics.json` is written.
@@ -60,7 +63,11 @@ class Run:
         records: bool = True,
         shard: str | None = None,
         fields: dict[str, Any] | None = None,
+        batches: Any = None,
+        schedulers: list[Any] = (),
+        data: Any = None,
     ):
+        self.batches, self.schedulers, self.data = batches, list(schedulers), data
         self.out_dir, self.info, self.total, self.signature = Path(out_dir), dict(info), total, signature
         self.checkpoint_every, self.keep, self.records, self.shard = checkpoint_every, keep, records, shard
         self.fields = dict(fields or {})
@@ -76,11 +83,13 @@ class Run:
         hparams: dict[str, Any] | None = None,
         hparams_columns: bool = True,
     ) -> dict[str, Any] | None:
-        """Start afresh, or go on from `found` (a checkpoint and its state, whose training state
-        the loop has loaded): restore the random generators, the clock and the record, and
-        write status "running". Returns the restored state, or None."""
+        """Start afresh, or go on from `found` (a checkpoint and its state, whose model the loop
+        has loaded): restore the batch stream, the schedules, the task, the random generators,
+        the clock and the record, and write status "running". Returns the restored state, or
+        None."""
         restored = found[1] if found is not None else None
         if restored is not None:
+            self._load_stream(found[0], restored)
             self.start = restored["step"]
             checkpoint.set_rng_state(restored["rng"])
             log.info("resuming from %s at step %d", found[0], self.start)
@@ -111,7 +120,15 @@ class Run:
         """Save the loop's training `state` at `step` with the run's own (random generators,
         and where this process keeps the record: the record's state and the clock), atomically;
         then record that the run got this far."""
-        state = {"signature": self.signature, "step": step, **state, "rng": checkpoint.rng_state()}
+        state = {
+            "signature": self.signature,
+            "step": step,
+            **state,
+            "batches": self.batches.state_dict() if self.batches is not None else None,
+            "task": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "rng": checkpoint.rng_state(),
+        }
         if self.tracker is not None:
             state.update(tracker=self.tracker.state_dict(), clock=self.clock.state_dict())
             self.tracker.writer.flush()  # events up to the checkpoint survive a kill; later ones are purged
@@ -119,6 +136,20 @@ class Run:
         if self.tracker is not None:
             self.tracker.write_metrics("running", steps=step, total_steps=self.total, **self.fields)
         return path
+
+    def _load_stream(self, source: Path, state: dict[str, Any]) -> None:
+        if self.batches is not None:
+            self.batches.load_state_dict(state["batches"])
+        if len(state["schedulers"]) != len(self.schedulers):
+            raise CheckpointError(
+                f"checkpoint {source} holds the schedules of {len(state['schedulers'])} optimisers "
+                f"and this run has {len(self.schedulers)}; resume it with the settings it was saved with "
+                "(for DNI: method.batched=false for a run saved before the batched step existed)"
+            )
+        for schedule, saved in zip(self.schedulers, state["schedulers"]):
+            schedule.load_state_dict(saved)
+        if hasattr(self.data, "load_state_dict"):  # e.g. a curriculum's level
+            self.data.load_state_dict(state["task"])
 
     # -- the record --------------------------------------------------------------------
     def evaluated(self, step: int, results: dict[str, float]) -> None:

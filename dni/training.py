@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dni.errors import CheckpointError, ConfigError, Interrupted
+from dni.errors import ConfigError, Interrupted
 from dni.methods.base import Method
 from dni.run import Run, find_checkpoint
 from dni.tracking import folder_lock
@@ -145,23 +145,20 @@ class Trainer:
         schedulers = [scheduler(o) for o in method.optimizers] if scheduler else []
         info = {"method": method.name, "model": method.model.name, "dataset": data.name}
         signature = {**info, "architecture": _architecture(method)}
-        run = Run(out_dir, info, total, signature, self.checkpoint_every, self.keep_checkpoints)
-
+        run = Run(
+            out_dir,
+            info,
+            total,
+            signature,
+            self.checkpoint_every,
+            self.keep_checkpoints,
+            batches=batches,
+            schedulers=schedulers,
+            data=data,
+        )
         found = find_checkpoint(resume, out_dir, signature, next(method.model.parameters()).device)
         if found is not None:
-            source, restored = found
-            method.load_state_dict(restored["method"])
-            batches.load_state_dict(restored["batches"])
-            if len(restored["schedulers"]) != len(schedulers):
-                raise CheckpointError(
-                    f"checkpoint {source} holds the schedules of {len(restored['schedulers'])} optimisers "
-                    f"and this run has {len(schedulers)}; resume it with the settings it was saved with (for "
-                    "DNI: method.batched=false for a run saved before the batched step existed)"
-                )
-            for s, saved in zip(schedulers, restored["schedulers"]):
-                s.load_state_dict(saved)
-            if hasattr(data, "load_state_dict"):  # e.g. a curriculum's level
-                data.load_state_dict(restored["task"])
+            method.load_state_dict(found[1]["method"])
         run.begin(found, hparams, hparams_columns)
         tracker, clock = run.tracker, run.clock
         run.measures = lambda: {
@@ -181,13 +178,7 @@ class Trainer:
 
         def save(step: int) -> None:
             method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
-            state = {
-                "method": method.state_dict(),
-                "batches": batches.state_dict(),
-                "task": data.state_dict() if hasattr(data, "state_dict") else None,
-                "schedulers": [s.state_dict() for s in schedulers],
-            }
-            run.save(step, state)
+            run.save(step, {"method": method.state_dict()})
 
         method.train()
         bar = _Progress(total, run.start, self.progress, self.progress_every)

@@ -365,6 +365,8 @@ CHANGEABLE_ON_RESUME = (
     "dataset.root",
     "dataset.download",
     "method.batched",  # the batched step is bit-identical to the per-interface one
+    "parallel.timeout",
+    "parallel.backend",
 )
 # Settings added since a checkpoint may have been written, with the value that trains as it did.
 ADDED_SINCE = {"method.target_lambda": 0.0}

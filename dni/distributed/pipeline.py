@@ -398,27 +398,15 @@ class _StageRun:
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
 
     # -- checkpoints --------------------------------------------------------------------
-    def _resume(
-        self,
-        run: Run,
-        resume: str | os.PathLike | None,
-        batches: Any,
-        schedulers: list[Any],
-    ) -> dict[str, Any] | None:
+    def _resume(self, run: Run, resume: str | os.PathLike | None) -> dict[str, Any] | None:
         """Load the checkpoint every rank agrees on (see `_agreed_checkpoint`) into this rank's
-        stage, batch stream and schedules, and start `run` from it."""
+        stage, and start `run` from it."""
         found = _agreed_checkpoint(resume, run, self.world, self.device)
         if found is not None:
-            source, state = found
-            self.stage.load_state_dict(state["stage"])
-            batches.load_state_dict(state["batches"])
-            for s, saved in zip(schedulers, state["schedulers"], strict=True):
-                s.load_state_dict(saved)
-            if hasattr(self.data, "load_state_dict"):
-                self.data.load_state_dict(state["task"])
+            self.stage.load_state_dict(found[1]["stage"])
         return run.begin(found, self.hparams)
 
-    def _save(self, run: Run, step: int, batches: Any, schedulers: list[Any]) -> None:
+    def _save(self, run: Run, step: int) -> None:
         """This rank's part of the checkpoint of `step`. Every target of the stage's batches has
         been used (the schedule waits for them at a checkpoint step, as at the last), so nothing
         is in flight between the stages and no message needs saving; rank 0 first writes every
@@ -427,14 +415,8 @@ class _StageRun:
             self.method.guard.check(step)
             if self.record is not None:
                 self.record.collect(block=True, through=step)
-            state = {
-                "stage": self.stage.state_dict(),
-                "batches": batches.state_dict(),
-                "task": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-                "schedulers": [s.state_dict() for s in schedulers],
-                "record": self.record.state_dict(step) if self.record is not None else None,
-            }
-            run.save(step, state)
+            record = self.record.state_dict(step) if self.record is not None else None
+            run.save(step, {"stage": self.stage.state_dict(), "record": record})
         self.last_checkpoint = step
 
     # -- the schedule -------------------------------------------------------------------
@@ -455,6 +437,8 @@ class _StageRun:
             "stage": f"{self.rank} of {self.world}",
             "boundaries": self.settings["boundaries"],
         }
+        schedulers = [scheduler(o) for o in stage.optimizers()] if scheduler else []
+        batches = self.data.batches(self.trainer.batch_size, self.trainer.seed)
         run = Run(
             out_dir,
             info,
@@ -466,11 +450,12 @@ class _StageRun:
             records=self.rank == 0,
             shard=None if self.rank == 0 else f"stage{self.rank}",
             fields={"parallel": self.settings},
+            batches=batches,
+            schedulers=schedulers,
+            data=self.data,
         )
-        schedulers = [scheduler(o) for o in stage.optimizers()] if scheduler else []
-        batches = self.data.batches(self.trainer.batch_size, self.trainer.seed)
         self.hparams = hparams
-        restored = self._resume(run, resume, batches, schedulers)
+        restored = self._resume(run, resume)
         start = self.last_checkpoint = run.start
         self._schedule(start)
         self._links(self.backend, start)
@@ -539,7 +524,7 @@ class _StageRun:
                         if self.record is not None and step in self.diagnosed:
                             self.record.diagnose(step, _peek(batches))  # the batch of the next step
                         if run.due(step):
-                            self._save(run, step, batches, schedulers)
+                            self._save(run, step)
                         if self.record is not None:
                             with clock.aside():
                                 self.record.collect(block=False)
