@@ -323,7 +323,10 @@ def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
 
 # -- learning, through the runner -----------------------------------------------------------
 def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
-    """`parallel=pipeline` in one process (no torchrun): one local stage, same record."""
+    """`parallel=pipeline` in one process (no torchrun): one local stage, same record, with
+    diagnostics (`debug=fast` takes them), checkpoints and the config they were trained with;
+    the same command with a longer budget goes on from the last checkpoint, and one with
+    another staleness bound is refused as in one process."""
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     overrides = [
@@ -338,6 +341,15 @@ def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
     assert result["status"] == "completed" and result["steps"] == 20 and result["test_error"] is not None
     assert result["parallel"] == {"stages": 1, "boundaries": [], "staleness": 1, "backend": "local"}
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+    assert [checkpoint.step_of(p) for p in checkpoint.checkpoints(tmp_path)] == [10, 20]
+    assert (tmp_path / "checkpoints" / "config.yaml").is_file()
+    assert {"sg/cosine/block1", "align/cosine/block1"} <= read_scalars(tmp_path).keys()
+
+    longer = run(compose_config(*overrides, "trainer.steps=30"), tmp_path)
+    assert longer["status"] == "completed" and longer["steps"] == 30
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == list(range(5, 31, 5))  # each once
+    with pytest.raises(ConfigError, match=r"parallel.staleness \(1 there, 0 here\)"):
+        run(compose_config(*overrides, "trainer.steps=40", "parallel.staleness=0"), tmp_path)
 
 
 @pytest.mark.slow
