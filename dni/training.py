@@ -2,7 +2,8 @@
 
 It knows methods only through `Method`: `step` on a batch, `diagnostics` on a schedule,
 `eval_models` to test, and `state_dict` to checkpoint. Everything a run writes goes to
-`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`.
+`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`, through the `dni.run.Run`
+every way of training keeps (the pipeline's stages too).
 """
 
 from __future__ import annotations

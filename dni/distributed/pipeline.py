@@ -10,9 +10,11 @@ the synchronous schedule, which reproduces the single-process step exactly.
 Every rank reads the same deterministic batch stream (same data, same seed), so labels and
 the network input (for cDNI and forward unlocking) are at hand everywhere without being
 sent. Rank 0 writes the run folder: it gathers each stage's reports (throughput, where the
-time went, staleness, synthesizer losses) and, at evaluation steps, the stages' weights,
-evaluates the assembled model and writes TensorBoard and `metrics.json`, without stopping
-the pipeline to do so.
+time went, staleness, synthesizer losses) and, at evaluation and diagnostics steps, the
+stages' weights (and synthesizers), evaluates and measures the assembled model and writes
+TensorBoard and `metrics.json`, without stopping the pipeline to do so. Every rank saves its
+stage at the same checkpoint steps, where no message is in flight, and the ranks resume from
+the newest checkpoint all of them hold (`dni.run.Run` keeps the run, as for one process).
 
 Launch one process per stage with torchrun; `Pipeline.fit` reads the rank from the
 environment torchrun sets. With one process (no torchrun) it runs a single stage locally.
