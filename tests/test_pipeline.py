@@ -275,6 +275,24 @@ def test_resume_names_a_checkpoint_or_a_folder_and_refuses_another_split(tmp_pat
         Pipeline(stages=1).fit(method, data, trainer, tmp_path / "other")
 
 
+def test_a_damaged_newest_pipeline_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch, caplog):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"steps": 20, "checkpoint_every": 10, "eval_every": 10}
+    Pipeline(stages=1).fit(*pipeline_worker.build(settings), tmp_path)
+    expected = final_parts(tmp_path, 1)[0]
+    newest = checkpoint.path_of(tmp_path, 20)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # inside a tensor's bytes
+    newest.write_bytes(bytes(data))
+
+    result = Pipeline(stages=1).fit(*pipeline_worker.build(settings), tmp_path)  # the same run again
+    assert result["status"] == "completed" and result["steps"] == 20
+    assert f"checkpoint {newest} is corrupt or truncated" in caplog.text
+    got = final_parts(tmp_path, 1)[0]  # steps 11-20 trained again, to the same weights
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
     """Two gloo processes, staleness 0, a checkpoint every 10 steps: rank 1 is SIGKILLed after
     the checkpoint of step 20, rank 0 stops on the lost peer, and the same command started again
