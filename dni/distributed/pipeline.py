@@ -338,9 +338,11 @@ class _StageRun:
         self.record: Record | None = None
 
     def _schedule(self, start: int) -> None:
-        """The steps after `start` whose reports rank 0 writes: each `log_every` and `eval_every`
-        step, the last, and each `diagnostics_every` step, after which every stage also sends
-        its synthesizers (diagnostics after step 0 need none: every rank starts alike)."""
+        """The steps from `start` whose reports rank 0 writes: each `log_every` and `eval_every`
+        step after it, the last, and each `diagnostics_every` step, whose reports carry the
+        stages' synthesizers too: `start` itself when a resumed run begins on one (the
+        checkpoint's own measurement was logged at `start + 1`, which the resumed run purges),
+        but not step 0, whose weights are every rank's initial ones."""
         trainer, total = self.trainer, self.total
         every = trainer.diagnostics_every
         self.diagnosed = {s for s in range(start, total) if every and s % every == 0}
@@ -349,11 +351,11 @@ class _StageRun:
             for s in range(start + 1, total + 1)
             if s == total or s % trainer.log_every == 0 or s % trainer.eval_every == 0
         }
-        self.report_steps = sorted(self.logged | {s for s in self.diagnosed if s > start})
+        self.report_steps = sorted(self.logged | (self.diagnosed - {0}))
         self.report_set = set(self.report_steps)
-        self.eval_steps = {s for s in self.report_steps if s == total or s % trainer.eval_every == 0}
+        self.eval_steps = {s for s in self.logged if s == total or s % trainer.eval_every == 0}
         self.weights = {s: "blocks" for s in self.eval_steps}
-        self.weights.update({s: "full" for s in self.diagnosed if s > start})
+        self.weights.update({s: "full" for s in self.diagnosed - {0}})
 
     def _links(self, backend: str, start: int) -> None:
         k, stage = self.rank, self.stage
@@ -417,7 +419,7 @@ class _StageRun:
             self.method.guard.check(step)
             if self.record is not None:
                 self.record.collect(block=True, through=step)
-            record = self.record.state_dict(step) if self.record is not None else None
+            record = self.record.state_dict() if self.record is not None else None
             run.save(step, {"stage": self.stage.state_dict(), "record": record})
         self.last_checkpoint = step
 
@@ -476,13 +478,15 @@ class _StageRun:
                 "steps": self.report_steps,
                 "logged": self.logged,
                 "eval_steps": self.eval_steps,
-                "diagnostics": {s for s in self.diagnosed if s > start},
+                "diagnostics": self.diagnosed - {0},
             }
             self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
             if restored:
-                self.record.load_state_dict(restored["record"], start)
-            elif 0 in self.diagnosed:
-                self.record.diagnose(0, _peek(batches))
+                self.record.load_state_dict(restored["record"])
+            if start in self.diagnosed:
+                self.record.diagnose(start, _peek(batches))
+        if start in self.report_set:  # a resumed run measures where it starts: every stage reports
+            self._report(start, {})
         pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
         self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
         progress = self.trainer.progress and self.rank == 0

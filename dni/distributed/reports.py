@@ -167,7 +167,6 @@ class Record:
         # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
         self.assembled = copy.deepcopy(method)
         self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
-        self.measured: tuple[int, dict[str, float]] | None = None  # the latest diagnostics
         self.arrived: dict[int, dict[int, Tensor]] = {}
         self.written = 0
         self.totals = [dict.fromkeys(RAW, 0.0) for _ in stages]
@@ -182,20 +181,16 @@ class Record:
             "stages": [{k: round(v, 4) for k, v in shares(t).items()} for t in self.totals],
         }
 
-    def state_dict(self, step: int) -> dict:
-        """What a checkpoint of `step` keeps of the record: the stages' totals, and the
-        diagnostics taken after `step` (logged at `step + 1`, which a resumed run logs again)."""
-        measured = self.measured[1] if self.measured and self.measured[0] == step else None
-        return {"totals": self.totals, "diagnostics": measured}
+    def state_dict(self) -> dict:
+        return {"totals": self.totals}
 
-    def load_state_dict(self, state: dict, step: int) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.totals = [{**dict.fromkeys(RAW, 0.0), **t} for t in state["totals"]]
-        if state.get("diagnostics"):
-            self.run.tracker.scalars(state["diagnostics"], step + 1)
 
     def diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
         """Measure after `step` on `batch` (the next one): now for step 0, whose weights are
-        every rank's initial ones; else once every stage's weights of that step are in."""
+        every rank's initial ones; else once every stage's weights of that step are in (a
+        resumed run's first step too: rank 0 holds only its own stage's)."""
         if step == 0:
             self._diagnose(0, batch)
         else:
@@ -253,4 +248,3 @@ class Record:
         self.assembled.train()
         values = self.assembled.diagnostics(*batch)
         self.run.tracker.scalars(values, step + 1)
-        self.measured = (step, values)
