@@ -27,20 +27,32 @@ from dni.errors import CheckpointError, CorruptCheckpoint
 log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
-_NAME = re.compile(r"step_(\d+)\.pt$")
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint set aside (kept, never deleted)
 
 
-def save(out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` as `checkpoints/step_<step>.pt` and keep only the `keep` newest.
+def _pattern(shard: str | None) -> re.Pattern:
+    return re.compile(rf"step_(\d+){re.escape('.' + shard) if shard else ''}\.pt$")
+
+
+def path_of(out_dir: str | os.PathLike, step: int, shard: str | None = None) -> Path:
+    """Where the checkpoint of `step` lies: `checkpoints/step_<step>.pt`, or for one process's part
+    of a run spread over several (a pipeline stage), `checkpoints/step_<step>.<shard>.pt`."""
+    return Path(out_dir) / FOLDER / f"step_{step:09d}{'.' + shard if shard else ''}.pt"
+
+
+def save(
+    out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2, shard: str | None = None
+) -> Path:
+    """Write `state` as `checkpoints/step_<step>.pt` (see `path_of` for a `shard`) and keep only
+    the `keep` newest (of that shard).
 
     The bytes go to a temporary file that is fsynced, then renamed over the final name, and
     the folder is fsynced, so a kill or a power cut leaves either the old set of checkpoints
     or the new one. When the write fails (a full disk) the temporary file is removed and the
     older checkpoints are left as they were.
     """
-    folder = Path(out_dir) / FOLDER
-    path = folder / f"step_{step:09d}.pt"
+    path = path_of(out_dir, step, shard)
+    folder = path.parent
     temporary = path.with_suffix(".pt.tmp")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -56,20 +68,26 @@ def save(out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int
             f"cannot write the checkpoint {path}: {write_error_reason(error)}; free space in {folder} "
             "and run the same command again, or write the run into another folder"
         ) from None
-    for old in checkpoints(out_dir)[:-keep] if keep > 0 else []:
+    for old in checkpoints(out_dir, shard)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
 
 
-def checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """A run's checkpoints, oldest first."""
-    folder = Path(out_dir) / FOLDER
-    found = [p for p in folder.glob("step_*.pt") if _NAME.search(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(_NAME.search(p.name).group(1)))
+def checkpoints(out_dir: str | os.PathLike, shard: str | None = None) -> list[Path]:
+    """A run's checkpoints (of `shard`, see `path_of`), oldest first."""
+    folder, name = Path(out_dir) / FOLDER, _pattern(shard)
+    found = [p for p in folder.glob("step_*.pt") if name.search(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(name.search(p.name).group(1)))
 
 
-def latest(out_dir: str | os.PathLike) -> Path | None:
-    found = checkpoints(out_dir)
+def step_of(path: str | os.PathLike, shard: str | None = None) -> int | None:
+    """The step a checkpoint file was saved at, read from its name; None for another name."""
+    found = _pattern(shard).search(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def latest(out_dir: str | os.PathLike, shard: str | None = None) -> Path | None:
+    found = checkpoints(out_dir, shard)
     return found[-1] if found else None
 
 

@@ -46,18 +46,30 @@ class FolderInUse(DNIError):
 
 
 class Interrupted(DNIError):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint and its status."""
+    """Training stopped on SIGINT or SIGTERM; its status is recorded.
+
+    `saved`: a checkpoint of this very step was saved. Otherwise (a pipeline stops at once,
+    mid-step) `last_checkpoint` is the step of the newest checkpoint, or None if none was saved.
+    """
 
     record = False
 
-    def __init__(self, signum: int, step: int, out_dir: str, saved: bool = True):
+    def __init__(
+        self, signum: int, step: int, out_dir: str, saved: bool = True, last_checkpoint: int | None = None
+    ):
         self.signum = signum
         name = signal.Signals(signum).name
-        then = (
-            f"a checkpoint is saved in {out_dir}, so running the same command again continues from there"
-            if saved
-            else "this way of training keeps no checkpoints, so running the same command again starts over"
-        )
+        if saved:
+            then = (
+                f"a checkpoint is saved in {out_dir}, so running the same command again continues from there"
+            )
+        elif last_checkpoint:
+            then = (
+                f"running the same command again continues from the checkpoint of step {last_checkpoint} "
+                f"in {out_dir}"
+            )
+        else:
+            then = "no checkpoint was saved yet, so running the same command again starts over"
         super().__init__(f"training interrupted by {name} at step {step}; {then}")
 
     @property

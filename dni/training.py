@@ -2,12 +2,12 @@
 
 It knows methods only through `Method`: `step` on a batch, `diagnostics` on a schedule,
 `eval_models` to test, and `state_dict` to checkpoint. Everything a run writes goes to
-`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`.
+`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`, through the `dni.run.Run`
+every way of training keeps (the pipeline's stages too).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dni import checkpoint
-from dni.errors import CheckpointError, ConfigError, Divergence, DNIError, Interrupted, RunFolderError
+from dni.errors import ConfigError, Interrupted
 from dni.methods.base import Method
-from dni.tracking import Tracker, folder_lock
+from dni.run import Run, find_checkpoint
+from dni.tracking import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -146,37 +146,27 @@ class Trainer:
         schedulers = [scheduler(o) for o in method.optimizers] if scheduler else []
         info = {"method": method.name, "model": method.model.name, "dataset": data.name}
         signature = {**info, "architecture": _architecture(method)}
-
-        start, restored = 0, None
-        found = _restore(resume, out_dir, signature, next(method.model.parameters()).device)
+        run = Run(
+            out_dir,
+            info,
+            total,
+            signature,
+            self.checkpoint_every,
+            self.keep_checkpoints,
+            batches=batches,
+            schedulers=schedulers,
+            data=data,
+        )
+        found = find_checkpoint(resume, out_dir, signature, next(method.model.parameters()).device)
         if found is not None:
-            source, restored = found
-            method.load_state_dict(restored["method"])
-            batches.load_state_dict(restored["batches"])
-            if len(restored["schedulers"]) != len(schedulers):
-                raise CheckpointError(
-                    f"checkpoint {source} holds the schedules of {len(restored['schedulers'])} optimisers "
-                    f"and this run has {len(schedulers)}; resume it with the settings it was saved with (for "
-                    "DNI: method.batched=false for a run saved before the batched step existed)"
-                )
-            for s, saved in zip(schedulers, restored["schedulers"]):
-                s.load_state_dict(saved)
-            if hasattr(data, "load_state_dict"):  # e.g. a curriculum's level
-                data.load_state_dict(restored["task"])
-            checkpoint.set_rng_state(restored["rng"])
-            start = restored["step"]
-            log.info("resuming from %s at step %d", source, start)
-
-        # TensorBoard hides events at or after `purge_step` written before it: on resume, those
-        # after the checkpoint; on a fresh start over the events of a run killed before its
-        # first checkpoint, all of them (its steps are about to be logged again).
-        purge_step = start + 1 if restored else (1 if _has_events(out_dir) else None)
-        tracker = Tracker(out_dir, info, purge_step=purge_step)
-        clock = _Clock(restored["clock"] if restored else None)
-        if restored:
-            tracker.load_state_dict(restored["tracker"])
-        if hparams and not restored:
-            tracker.hparams(hparams, experiment=hparams_columns)
+            method.load_state_dict(found[1]["method"])
+        run.begin(found, hparams, hparams_columns)
+        tracker, clock = run.tracker, run.clock
+        run.measures = lambda: {
+            "samples_per_s": clock.samples / max(clock.train_time, 1e-9),
+            "data_time_share": clock.data_time / max(clock.train_time, 1e-9),
+            "skipped_updates": method.guard.skipped,
+        }
         eval_models = method.eval_models()
         if "control/test" in eval_models:
             tracker.layout(
@@ -186,115 +176,61 @@ class Trainer:
                     "test loss": ["test/loss", "control/test/loss"],
                 }
             )
-        tracker.write_metrics("running", steps=start, total_steps=total)
 
         def save(step: int) -> None:
             method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
-            state = {
-                "signature": signature,
-                "step": step,
-                "method": method.state_dict(),
-                "batches": batches.state_dict(),
-                "task": data.state_dict() if hasattr(data, "state_dict") else None,
-                "schedulers": [s.state_dict() for s in schedulers],
-                "rng": checkpoint.rng_state(),
-                "tracker": tracker.state_dict(),
-                "clock": clock.state_dict(),
-            }
-            tracker.writer.flush()  # events up to the checkpoint survive a kill; later ones are purged
-            checkpoint.save(out_dir, step, state, keep=self.keep_checkpoints)
-
-        def summary(status: str, step: int, **extra: Any) -> dict[str, Any]:
-            return tracker.write_metrics(
-                status,
-                steps=step,
-                total_steps=total,
-                test_error=tracker.last.get("test/error"),
-                test_loss=tracker.last.get("test/loss"),
-                wall_time_s=clock.elapsed(),
-                samples_per_s=clock.samples / max(clock.train_time, 1e-9),
-                data_time_share=clock.data_time / max(clock.train_time, 1e-9),
-                skipped_updates=method.guard.skipped,
-                **extra,
-            )
+            run.save(step, {"method": method.state_dict()})
 
         method.train()
-        bar = _Progress(total, start, self.progress, self.progress_every)
-        step, window_start, window_samples = start, time.perf_counter(), 0
+        bar = _Progress(total, run.start, self.progress, self.progress_every)
+        step, window_start, window_samples = run.start, time.perf_counter(), 0
         try:
-            while step < total:
-                if stop.signum is not None:  # between steps the state is whole: resume is exact
-                    save(step)
-                    summary("interrupted", step)
-                    raise Interrupted(stop.signum, step, str(out_dir))
-                began = time.perf_counter()
-                x, y = next(batches)
-                fetched = time.perf_counter()
-                if self.diagnostics_every and step % self.diagnostics_every == 0:
-                    tracker.scalars(method.diagnostics(x, y), step + 1)
-                measured = time.perf_counter()  # measurements do not count as training time
-                metrics = method.step(x, y)
-                with warnings.catch_warnings():  # a block may skip its update (p_update < 1) on purpose
-                    warnings.filterwarnings(
-                        "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before"
-                    )
-                    for s in schedulers:
-                        s.step()
-                method.guard.end_step()
-                step += 1
-                clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
-                window_samples += len(x)
-                bar.update(step, metrics, len(x))
+            with run.ending(lambda: step):
+                while step < total:
+                    if stop.signum is not None:  # between steps the state is whole: resume is exact
+                        save(step)
+                        raise Interrupted(stop.signum, step, str(out_dir))
+                    began = time.perf_counter()
+                    x, y = next(batches)
+                    fetched = time.perf_counter()
+                    if self.diagnostics_every and step % self.diagnostics_every == 0:
+                        tracker.scalars(method.diagnostics(x, y), step + 1)
+                    measured = time.perf_counter()  # measurements do not count as training time
+                    metrics = method.step(x, y)
+                    with warnings.catch_warnings():  # a block may skip its update (p_update < 1) on purpose
+                        warnings.filterwarnings(
+                            "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before"
+                        )
+                        for s in schedulers:
+                            s.step()
+                    method.guard.end_step()
+                    step += 1
+                    clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
+                    window_samples += len(x)
+                    bar.update(step, metrics, len(x))
 
-                if step % self.log_every == 0 or step == total:
-                    method.guard.check(step)  # the checks a step deferred, read here in one go
-                    values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
-                    values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
-                    values["train/samples_per_s"] = window_samples / (time.perf_counter() - window_start)
-                    tracker.scalars(values, step)
-                    bar.set_postfix(
-                        loss=f"{values['train/loss']:.4f}", sps=f"{values['train/samples_per_s']:.0f}"
-                    )
-                    window_start, window_samples = time.perf_counter(), 0
-                if step % self.eval_every == 0 or step == total:
-                    results = {}
-                    for prefix, model in eval_models.items():
-                        results.update({f"{prefix}/{k}": v for k, v in data.evaluate(model).items()})
-                    tracker.scalars(results, step, history=True)
-                    log.info(
-                        "step %d/%d: test error %.2f%%, test loss %.4f",
-                        step,
-                        total,
-                        100 * results["test/error"],
-                        results["test/loss"],
-                    )
-                    method.train()
-                    window_start = time.perf_counter()  # evaluation is not training throughput
-                if step % self.checkpoint_every == 0 or step == total:
-                    save(step)
-                    tracker.write_metrics("running", steps=step, total_steps=total)
-        except Divergence as divergence:
-            if divergence.step is None:  # a deferred check names the step it went bad at
-                divergence.at_step(step + 1)
-            where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
-            _if_writable(lambda: summary("diverged", step, divergence=where))
-            raise
-        except OSError as error:
-            if error.errno not in _DISK_FULL:
-                raise
-            raise RunFolderError(
-                f"cannot write into the run folder {out_dir}: {os.strerror(error.errno).lower()}; free "
-                "space there and run the same command again, or write the run into another folder"
-            ) from None
-        except DNIError as error:
-            if not isinstance(error, Interrupted):
-                message = str(error)
-                _if_writable(lambda: summary("failed", step, error=message))
-            raise
+                    if step % self.log_every == 0 or step == total:
+                        method.guard.check(step)  # the checks a step deferred, read here in one go
+                        values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
+                        values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
+                        values["train/samples_per_s"] = window_samples / (time.perf_counter() - window_start)
+                        tracker.scalars(values, step)
+                        bar.set_postfix(
+                            loss=f"{values['train/loss']:.4f}", sps=f"{values['train/samples_per_s']:.0f}"
+                        )
+                        window_start, window_samples = time.perf_counter(), 0
+                    if step % self.eval_every == 0 or step == total:
+                        results = {}
+                        for prefix, model in eval_models.items():
+                            results.update({f"{prefix}/{k}": v for k, v in data.evaluate(model).items()})
+                        run.evaluated(step, results)
+                        method.train()
+                        window_start = time.perf_counter()  # evaluation is not training throughput
+                    if run.due(step):
+                        save(step)
+                return run.summary("completed", step)
         finally:
             bar.close()
-            _if_writable(tracker.close)  # a failed flush must not hide the error on its way out
-        return summary("completed", step)
 
 
 class _Progress:
@@ -397,69 +333,6 @@ class _StopRequests:
         self._restore()
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _if_writable(write: Callable[[], Any]) -> None:
-    """Record what can still be recorded; a full disk must not replace the error being raised."""
-    try:
-        write()
-    except OSError as error:
-        log.warning("could not record the run's end (%s)", error)
-
-
-def _has_events(out_dir: Path) -> bool:
-    return any(out_dir.glob("events.out.tfevents.*"))
-
-
-class _Clock:
-    """Wall time and training throughput, carried across resumes."""
-
-    def __init__(self, state: dict | None = None):
-        state = state or {}
-        self.before = state.get("elapsed", 0.0)
-        self.data_time = state.get("data_time", 0.0)
-        self.train_time = state.get("train_time", 0.0)
-        self.samples = state.get("samples", 0)
-        self.started = time.perf_counter()
-
-    def add(self, data_time: float, step_time: float, samples: int) -> None:
-        self.data_time += data_time
-        self.train_time += step_time
-        self.samples += samples
-
-    def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.started
-
-    def state_dict(self) -> dict:
-        return {
-            "elapsed": self.elapsed(),
-            "data_time": self.data_time,
-            "train_time": self.train_time,
-            "samples": self.samples,
-        }
-
-
 def _architecture(method: Method) -> str:
     shapes = [tuple(p.shape) for p in method.parts.parameters()]
     return f"{len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} parameters"
-
-
-def _restore(
-    resume: str | os.PathLike | None, out_dir: Path, signature: dict[str, Any], device: torch.device
-) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume from and its state: `resume` (a file, strictly, or a run
-    folder's newest intact one), else the newest intact one in `out_dir`, else None."""
-    if resume is None:
-        return checkpoint.load_latest(out_dir, signature, device, set_aside=True)
-    path = Path(resume)
-    if not path.is_dir():
-        return path, checkpoint.load(path, signature, device)
-    # A damaged checkpoint is set aside only in our own folder, which we hold the lock of.
-    found = checkpoint.load_latest(path, signature, device, set_aside=path.resolve() == out_dir.resolve())
-    if found is None:
-        raise CheckpointError(
-            f"resume={str(path)!r} holds no checkpoints/step_*.pt; point it at a run folder that "
-            "has them or at a checkpoint file"
-        )
-    return found

@@ -321,15 +321,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer.total_steps(data.num_train),
         out_dir,
     )
-    if pipeline is not None:  # one process per stage, launched by torchrun (dni.distributed)
-        hparams, _ = run_hparams(cfg)
-        return pipeline.fit(
-            method, data, trainer, out_dir, scheduler=scheduler, hparams=hparams, resume=cfg.resume
-        )
     names = {"method": method.name, "model": model.name, "dataset": data.name}
     check_resume(cfg, out_dir, names)
     record_config(cfg, out_dir, names)
     hparams, own_columns = run_hparams(cfg)
+    if pipeline is not None:  # one process per stage, launched by torchrun (dni.distributed)
+        return pipeline.fit(
+            method, data, trainer, out_dir, scheduler=scheduler, hparams=hparams, resume=cfg.resume
+        )
     return trainer.fit(
         method,
         data,
@@ -366,6 +365,8 @@ CHANGEABLE_ON_RESUME = (
     "dataset.root",
     "dataset.download",
     "method.batched",  # the batched step is bit-identical to the per-interface one
+    "parallel.timeout",
+    "parallel.backend",
 )
 # Settings added since a checkpoint may have been written, with the value that trains as it did.
 ADDED_SINCE = {"method.target_lambda": 0.0, "method.synthesizer_ema": 0.0}
@@ -415,7 +416,7 @@ def _changeable(key: str) -> bool:
 
 def record_config(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:
     """Write the resolved config beside the checkpoints this run is about to write."""
-    if int(os.environ.get("RANK", "0")) > 0 or cfg.get("parallel"):  # the pipeline keeps no checkpoints
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 writes the run folder
         return
     folder = out_dir / checkpoint.FOLDER
     record = OmegaConf.create({"run": names, "config": _resolved(cfg)})

@@ -25,7 +25,16 @@ from dni.models import FCN  # noqa: E402
 from dni.synthesizers import LinearSynthesizer, MLPSynthesizer  # noqa: E402
 from dni.training import Trainer  # noqa: E402
 
-DEFAULTS = {"steps": 30, "depth": 3, "width": 64, "batch_size": 32, "eval_every": 10, "forward_unlock": False}
+DEFAULTS = {
+    "steps": 30,
+    "depth": 3,
+    "width": 64,
+    "batch_size": 32,
+    "eval_every": 10,
+    "forward_unlock": False,
+    "checkpoint_every": 1000,
+    "diagnostics_every": 0,
+}
 
 
 def build(settings: dict) -> tuple[DecoupledNeuralInterfaces, object, Trainer]:
@@ -47,6 +56,8 @@ def build(settings: dict) -> tuple[DecoupledNeuralInterfaces, object, Trainer]:
         batch_size=settings["batch_size"],
         eval_every=settings["eval_every"],
         log_every=1,
+        checkpoint_every=settings["checkpoint_every"],
+        diagnostics_every=settings["diagnostics_every"],
         progress=False,
     )
     return method, data, trainer
@@ -69,17 +80,35 @@ def fail_after(step: int) -> None:
     Stage.run = failing
 
 
+def slow_down(seconds: float) -> None:
+    """Every batch of this rank's stage takes `seconds` longer, so that a test can kill the run
+    between two chosen steps."""
+    import time
+
+    from dni.distributed.stage import Stage
+
+    run = Stage.run
+
+    def slow(self, *args, **kwargs):
+        time.sleep(seconds)
+        return run(self, *args, **kwargs)
+
+    Stage.run = slow
+
+
 def main(settings: dict) -> None:
     from dni.distributed import Pipeline
 
     if settings.get("fail_rank") == int(os.environ.get("RANK", "0")):
         fail_after(settings["fail_at"])
+    if settings.get("step_sleep"):
+        slow_down(settings["step_sleep"])
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     method, data, trainer = build(settings)
     pipeline = Pipeline(staleness=settings.get("staleness", 1), timeout=settings.get("timeout", 30))
-    pipeline.fit(method, data, trainer, settings["out"])
+    pipeline.fit(method, data, trainer, settings["out"], resume=settings.get("resume"))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dni import checkpoint
 from dni.distributed import Pipeline, balanced_boundaries
 from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
-from dni.errors import ConfigError
+from dni.errors import CheckpointError, ConfigError
 from dni.interface import DNI
 from dni.methods import Backprop, DecoupledNeuralInterfaces
 from dni.models import FCN, CharTransformer
@@ -190,11 +191,14 @@ def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch):
 
 def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
     """Staleness 0: every stage waits for batch t's target before batch t+1, which is exactly
-    the order of the single-process step, so every logged number matches to float tolerance.
-    Three stages (a middle one sends and receives both ways), forward unlocking on (stages 1
-    and 2 train on a predicted input before the real one arrives)."""
+    the order of the single-process step, so every logged number matches to float tolerance:
+    the gradient-fidelity diagnostics too (`sg/cosine/...`, `align/...`, `drift/...`), measured
+    on rank 0 from every stage's weights and synthesizers after the same steps, on the same
+    batches. Three stages (a middle one sends and receives both ways), forward unlocking on
+    (stages 1 and 2 train on a predicted input before the real one arrives)."""
     world = 3
     settings = {"forward_unlock": True, "steps": 24, "staleness": 0, "out": str(tmp_path / "pipeline")}
+    settings["diagnostics_every"] = 6
     procs = spawn(world, settings, tmp_path / "logs")
     try:
         codes = [p.wait(timeout=120) for p in procs]
@@ -203,6 +207,8 @@ def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
     assert codes == [0] * world, (tmp_path / "logs" / "0.log").read_text()[-2000:]
     got, expected = scalars(tmp_path / "pipeline"), single_process(settings, tmp_path / "single")
     assert got.keys() == expected.keys() and len(got["train/loss"]) == 24
+    for tag in ("sg/cosine/block1", "sg/rel_error/block3", "align/cosine/block2", "drift/block4"):
+        assert [s for s, _ in got[tag]] == [1, 7, 13, 19], tag
     for tag, values in expected.items():
         assert [s for s, _ in got[tag]] == [s for s, _ in values], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in values], rel=1e-5, abs=1e-7), tag
@@ -210,9 +216,135 @@ def test_synchronous_stages_reproduce_single_process_losses(tmp_path):
     assert metrics["parallel"]["stages"] == world and metrics["stages"][0]["staleness_max"] == 0
 
 
+# -- checkpoints and resume -----------------------------------------------------------------
+def run_to_end(world: int, settings: dict, logs: Path) -> None:
+    procs = spawn(world, settings, logs)
+    try:
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [0] * world, (logs / "0.log").read_text()[-2000:]
+
+
+def final_parts(run_dir: Path, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every stage's blocks and synthesizers in the checkpoint of the run's last step."""
+    (last,) = checkpoint.checkpoints(run_dir)[-1:]
+    step = checkpoint.step_of(last)
+    shards = [None, *(f"stage{k}" for k in range(1, world))]
+    return [
+        torch.load(checkpoint.path_of(run_dir, step, shard), weights_only=False)["stage"]["parts"]
+        for shard in shards
+    ]
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without what measures time, which no two runs share."""
+    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "samples_per_s", "stages")}
+    kept["final"] = {
+        k: v for k, v in metrics["final"].items() if "samples_per_s" not in k and "pipeline/" not in k
+    }
+    return kept
+
+
+def test_resume_names_a_checkpoint_or_a_folder_and_refuses_another_split(tmp_path, monkeypatch):
+    """`resume=` as in one process: a pipeline checkpoint file continues from exactly that step,
+    into another folder, to the weights the run reached; a checkpoint of another number of
+    stages is refused naming the difference."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"steps": 20, "checkpoint_every": 10, "eval_every": 10}
+    method, data, trainer = pipeline_worker.build(settings)
+    whole = tmp_path / "whole"
+    Pipeline(stages=1).fit(method, data, trainer, whole)
+    assert [checkpoint.step_of(p) for p in checkpoint.checkpoints(whole)] == [10, 20]
+
+    method, data, trainer = pipeline_worker.build(settings)
+    again = Pipeline(stages=1).fit(
+        method, data, trainer, tmp_path / "again", resume=checkpoint.path_of(whole, 10)
+    )
+    assert again["status"] == "completed" and again["steps"] == 20
+    (expected,), (got,) = final_parts(whole, 1), final_parts(tmp_path / "again", 1)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert comparable(again) == comparable(json.loads((whole / "metrics.json").read_text()))
+
+    state = torch.load(checkpoint.path_of(whole, 20), weights_only=False)
+    state["signature"]["stage"] = "0 of 2"  # as a 2-stage run would have written it
+    checkpoint.save(tmp_path / "other", 20, state)
+    method, data, trainer = pipeline_worker.build(settings)
+    with pytest.raises(CheckpointError, match="belongs to another run .stage='0 of 2' there, '0 of 1' here"):
+        Pipeline(stages=1).fit(method, data, trainer, tmp_path / "other")
+
+
+def test_a_damaged_newest_pipeline_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch, caplog):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = {"steps": 20, "checkpoint_every": 10, "eval_every": 10}
+    Pipeline(stages=1).fit(*pipeline_worker.build(settings), tmp_path)
+    expected = final_parts(tmp_path, 1)[0]
+    newest = checkpoint.path_of(tmp_path, 20)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # inside a tensor's bytes
+    newest.write_bytes(bytes(data))
+
+    result = Pipeline(stages=1).fit(*pipeline_worker.build(settings), tmp_path)  # the same run again
+    assert result["status"] == "completed" and result["steps"] == 20
+    assert f"checkpoint {newest} is corrupt or truncated" in caplog.text
+    got = final_parts(tmp_path, 1)[0]  # steps 11-20 trained again, to the same weights
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
+    """Two gloo processes, staleness 0, a checkpoint every 10 steps: rank 1 is SIGKILLed after
+    the checkpoint of step 20, rank 0 stops on the lost peer, and the same command started again
+    resumes from the newest checkpoint both ranks hold. Its weights, synthesizers, metrics.json
+    and every logged number equal an uninterrupted run's, bit for bit, each step logged once."""
+    world, base = 2, {"steps": 40, "staleness": 0, "checkpoint_every": 10, "eval_every": 10}
+    base["diagnostics_every"] = 10  # those after step 20, logged at 21, come from the checkpoint
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_to_end(world, {**base, "out": str(whole)}, tmp_path / "logs-whole")
+
+    settings = {**base, "out": str(resumed)}
+    procs = spawn(world, {**settings, "step_sleep": 0.05}, tmp_path / "logs-killed")
+    try:
+        saved = [checkpoint.path_of(resumed, 20), checkpoint.path_of(resumed, 20, "stage1")]
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in saved):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint"
+            time.sleep(0.002)
+        procs[1].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        stop(procs)
+    assert codes == [1, -signal.SIGKILL], codes
+    killed = json.loads((resumed / "metrics.json").read_text())
+    assert killed["status"] == "failed" and 20 <= killed["steps"] < 40
+
+    logs = tmp_path / "logs-resumed"
+    run_to_end(world, settings, logs)  # the same command, into the same folder
+    assert f"resuming from {checkpoint.path_of(resumed, 20)} at step 20" in (logs / "0.log").read_text()
+    assert (
+        f"resuming from {checkpoint.path_of(resumed, 20, 'stage1')} at step 20"
+        in (logs / "1.log").read_text()
+    )
+
+    for expected, got in zip(final_parts(whole, world), final_parts(resumed, world)):
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ours, theirs = (
+        json.loads((resumed / "metrics.json").read_text()),
+        json.loads((whole / "metrics.json").read_text()),
+    )
+    assert ours["status"] == "completed" and comparable(ours) == comparable(theirs)
+    got, expected = scalars(resumed), scalars(whole)
+    assert got == expected and [s for s, _ in got["train/loss"]] == list(range(1, 41))
+    assert [s for s, _ in got["sg/cosine/block1"]] == [1, 11, 21, 31]
+
+
 # -- learning, through the runner -----------------------------------------------------------
 def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
-    """`parallel=pipeline` in one process (no torchrun): one local stage, same record."""
+    """`parallel=pipeline` in one process (no torchrun): one local stage, same record, with
+    diagnostics (`debug=fast` takes them), checkpoints and the config they were trained with;
+    the same command with a longer budget goes on from the last checkpoint, and one with
+    another staleness bound is refused as in one process."""
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     overrides = [
@@ -227,6 +359,15 @@ def test_the_runner_takes_the_pipeline_path(tmp_path, monkeypatch):
     assert result["status"] == "completed" and result["steps"] == 20 and result["test_error"] is not None
     assert result["parallel"] == {"stages": 1, "boundaries": [], "staleness": 1, "backend": "local"}
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+    assert [checkpoint.step_of(p) for p in checkpoint.checkpoints(tmp_path)] == [10, 20]
+    assert (tmp_path / "checkpoints" / "config.yaml").is_file()
+    assert {"sg/cosine/block1", "align/cosine/block1"} <= read_scalars(tmp_path).keys()
+
+    longer = run(compose_config(*overrides, "trainer.steps=30"), tmp_path)
+    assert longer["status"] == "completed" and longer["steps"] == 30
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == list(range(5, 31, 5))  # each once
+    with pytest.raises(ConfigError, match=r"parallel.staleness \(1 there, 0 here\)"):
+        run(compose_config(*overrides, "trainer.steps=40", "parallel.staleness=0"), tmp_path)
 
 
 @pytest.mark.slow

@@ -75,5 +75,6 @@ def test_trainer_fit_outside_hydra_logs_to_the_console(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "status completed" in result.stdout
-    assert re.search(r"\[dni\.training\]\[INFO\] - step 10/20: test error [\d.]+%", result.stderr)
+    # The evaluation line is the run's (`dni.run`, the same for every loop), the progress the loop's.
+    assert re.search(r"\[dni\.run\]\[INFO\] - step 10/20: test error [\d.]+%", result.stderr)
     assert "step 5/20 (25%)" in result.stderr  # the progress lines too: stderr is not a terminal

@@ -10,9 +10,11 @@ the synchronous schedule, which reproduces the single-process step exactly.
 Every rank reads the same deterministic batch stream (same data, same seed), so labels and
 the network input (for cDNI and forward unlocking) are at hand everywhere without being
 sent. Rank 0 writes the run folder: it gathers each stage's reports (throughput, where the
-time went, staleness, synthesizer losses) and, at evaluation steps, the stages' weights,
-evaluates the assembled model and writes TensorBoard and `metrics.json`, without stopping
-the pipeline to do so.
+time went, staleness, synthesizer losses) and, at evaluation and diagnostics steps, the
+stages' weights (and synthesizers), evaluates and measures the assembled model and writes
+TensorBoard and `metrics.json`, without stopping the pipeline to do so. Every rank saves its
+stage at the same checkpoint steps, where no message is in flight, and the ranks resume from
+the newest checkpoint all of them hold (`dni.run.Run` keeps the run, as for one process).
 
 Launch one process per stage with torchrun; `Pipeline.fit` reads the rank from the
 environment torchrun sets. With one process (no torchrun) it runs a single stage locally.
@@ -38,11 +40,13 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dni import checkpoint
 from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_failed, pair_groups
 from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
-from dni.errors import ConfigError, Divergence, FolderInUse, Interrupted
+from dni.errors import CheckpointError, ConfigError, FolderInUse, Interrupted
 from dni.methods.dni import DecoupledNeuralInterfaces
+from dni.run import Run
 from dni.synthesizers import OracleSynthesizer
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Task, Trainer
@@ -105,17 +109,15 @@ class Pipeline:
         resume: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
         """Train this rank's stage of `method` on `data` for `trainer`'s budget and schedule
-        (steps or epochs, batch_size, eval_every, log_every, seed, progress; checkpoints and
-        diagnostics are not taken). Every rank must have built `method` from the same seed. Rank 0 writes
-        into `out_dir` and returns the final metrics; other ranks return their own summary."""
+        (steps or epochs, batch_size, eval_every, log_every, checkpoint_every, keep_checkpoints,
+        seed, progress). Every rank must have built `method` from the same seed. Rank 0 writes
+        into `out_dir` and returns the final metrics; other ranks return their own summary.
+
+        Every rank saves its stage into `out_dir/checkpoints` at the same steps, and resumes,
+        as one process does, from `resume` (a run folder, or its `checkpoints/step_*.pt`) or
+        else from the newest checkpoint in `out_dir` that every rank holds intact."""
         _check_method(method)
-        if resume is not None:
-            raise ConfigError("resume is not supported with parallel=pipeline yet; start a fresh run")
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        if rank == 0:
-            if trainer.diagnostics_every:
-                log.warning("gradient-fidelity diagnostics need the whole model in one process; off here")
-            log.info("checkpoints and resume are not implemented for parallel=pipeline yet; none are written")
         stages = self.stages or world
         if stages != world:
             raise ConfigError(
@@ -139,7 +141,7 @@ class Pipeline:
         try:
             with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext(), _Signals() as signals:
                 run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
-                result = run.train(out_dir, scheduler, hparams, signals)
+                result = run.train(out_dir, scheduler, hparams, signals, resume)
         except BaseException as error:
             # Its links may still be blocked on live peers: see `links._leave_at_once`.
             mark_failed(getattr(error, "exit_code", 1))
@@ -165,7 +167,8 @@ class Pipeline:
 
 class _Signals:
     """SIGINT and SIGTERM stop a rank at once, as a `KeyboardInterrupt` that remembers which
-    signal it was: a pipeline keeps no checkpoint, so there is no step boundary to wait for."""
+    signal it was: the ranks would have to agree on a step to stop at, so a stopped pipeline
+    goes on from its last checkpoint instead."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -259,7 +262,13 @@ def _fingerprint(
         "data": (data.name, data.num_train),
         "first labels": y[:16].tolist(),
         "budget": (trainer.total_steps(data.num_train), trainer.batch_size, trainer.seed),
-        "schedule": (trainer.log_every, trainer.eval_every, staleness),
+        "schedule": (
+            trainer.log_every,
+            trainer.eval_every,
+            trainer.checkpoint_every,
+            trainer.diagnostics_every,
+            staleness,
+        ),
         "activations": method.model.activation_shapes(),
         "parameters": sum(p.numel() for p in method.parts.parameters()),
         "boundaries": boundaries,
@@ -299,8 +308,8 @@ def _agree_on_folder(out_dir: Path, rank: int) -> Path:
 
 
 class _StageRun:
-    """One rank's part of one run: its stage, its links and its schedule (rank 0 also keeps the
-    record)."""
+    """One rank's part of one run: its stage, its links, its schedule and its checkpoints (rank
+    0 also keeps the record)."""
 
     def __init__(
         self,
@@ -317,14 +326,8 @@ class _StageRun:
         self.stages = [Stage(method, k, boundaries) for k in range(world)]
         self.stage = self.stages[rank]
         self.total = trainer.total_steps(data.num_train)
-        self.staleness, self.timeout = pipeline.staleness, pipeline.timeout
+        self.staleness, self.timeout, self.backend = pipeline.staleness, pipeline.timeout, backend
         self.device = next(method.model.parameters()).device
-        every = (trainer.log_every, trainer.eval_every)
-        self.report_steps = [
-            s for s in range(1, self.total + 1) if s == self.total or any(s % e == 0 for e in every)
-        ]
-        self.report_set = set(self.report_steps)
-        self.eval_steps = {s for s in self.report_steps if s == self.total or s % trainer.eval_every == 0}
         self.settings = {
             "stages": world,
             "boundaries": boundaries,
@@ -333,12 +336,28 @@ class _StageRun:
         }
         self.clock = Clock()
         self.record: Record | None = None
-        self._links(backend)
-        head = " and the head" if self.stage.last else ""
-        where = f"blocks {self.stage.start + 1}-{self.stage.end}{head}"
-        log.info("stage %d of %d: %s, staleness bound %d, %s", rank, world, where, self.staleness, backend)
 
-    def _links(self, backend: str) -> None:
+    def _schedule(self, start: int) -> None:
+        """The steps from `start` whose reports rank 0 writes: each `log_every` and `eval_every`
+        step after it, the last, and each `diagnostics_every` step, whose reports carry the
+        stages' synthesizers too: `start` itself when a resumed run begins on one (the
+        checkpoint's own measurement was logged at `start + 1`, which the resumed run purges),
+        but not step 0, whose weights are every rank's initial ones."""
+        trainer, total = self.trainer, self.total
+        every = trainer.diagnostics_every
+        self.diagnosed = {s for s in range(start, total) if every and s % every == 0}
+        self.logged = {
+            s
+            for s in range(start + 1, total + 1)
+            if s == total or s % trainer.log_every == 0 or s % trainer.eval_every == 0
+        }
+        self.report_steps = sorted(self.logged | (self.diagnosed - {0}))
+        self.report_set = set(self.report_steps)
+        self.eval_steps = {s for s in self.logged if s == total or s % trainer.eval_every == 0}
+        self.weights = {s: "blocks" for s in self.eval_steps}
+        self.weights.update({s: "full" for s in self.diagnosed - {0}})
+
+    def _links(self, backend: str, start: int) -> None:
         k, stage = self.rank, self.stage
         self.inputs = self.targets_in = None  # inboxes
         self.activations = self.targets_out = self.reports_out = None  # outboxes
@@ -356,20 +375,21 @@ class _StageRun:
         def batches(shape: tuple[int, ...]) -> Callable[[int], Tensor]:
             return lambda i: torch.empty(self.trainer.batch_size, *shape, device=self.device)
 
-        def activation(t: int) -> str:
-            return f"stage {k}: the activation of batch {t + 1}"
+        def activation(i: int) -> str:  # message i is batch start + i + 1
+            return f"stage {k}: the activation of batch {start + i + 1}"
 
-        def target(t: int) -> str:
-            return f"stage {k}: the target of batch {t + 1}"
+        def target(i: int) -> str:
+            return f"stage {k}: the target of batch {start + i + 1}"
 
+        count = self.total - start
         if not stage.first:
             inputs = link("activations", k - 1, k, activation)
-            self.inputs = Inbox(inputs, self.total, batches(shapes[stage.start - 1]))
+            self.inputs = Inbox(inputs, count, batches(shapes[stage.start - 1]))
             self.targets_out = Outbox(link("targets", k, k - 1, target), depth)
         if not stage.last:
             self.activations = Outbox(link("activations", k, k + 1, activation), depth)
             targets = link("targets", k + 1, k, target)
-            self.targets_in = Inbox(targets, self.total, batches(shapes[stage.end - 1]))
+            self.targets_in = Inbox(targets, count, batches(shapes[stage.end - 1]))
         if k > 0:
             self.reports_out = Outbox(link("reports", k, 0, lambda i: f"stage {k}: report {i + 1}"))
             return
@@ -378,106 +398,180 @@ class _StageRun:
             def report(i: int, j: int = j) -> str:
                 return f"stage 0: the report of stage {j} for step {self.report_steps[i]}"
 
-            buffers = report_buffers(self.stages[j], self.report_steps, self.eval_steps)
+            buffers = report_buffers(self.stages[j], self.report_steps, self.weights)
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _resume(self, run: Run, resume: str | os.PathLike | None) -> dict[str, Any] | None:
+        """Load the checkpoint every rank agrees on (see `_agreed_checkpoint`) into this rank's
+        stage, and start `run` from it."""
+        found = _agreed_checkpoint(resume, run, self.world, self.device)
+        if found is not None:
+            self.stage.load_state_dict(found[1]["stage"])
+        return run.begin(found, self.hparams)
+
+    def _save(self, run: Run, step: int) -> None:
+        """This rank's part of the checkpoint of `step`. Every target of the stage's batches has
+        been used (the schedule waits for them at a checkpoint step, as at the last), so nothing
+        is in flight between the stages and no message needs saving; rank 0 first writes every
+        report up to `step`, so its record is whole too."""
+        with self.clock.waiting("checkpoint"):
+            self.method.guard.check(step)
+            if self.record is not None:
+                self.record.collect(block=True, through=step)
+            record = self.record.state_dict() if self.record is not None else None
+            run.save(step, {"stage": self.stage.state_dict(), "record": record})
+        self.last_checkpoint = step
 
     # -- the schedule -------------------------------------------------------------------
     def train(
-        self, out_dir: Path, scheduler: Callable | None, hparams: dict[str, Any] | None, signals: _Signals
+        self,
+        out_dir: Path,
+        scheduler: Callable | None,
+        hparams: dict[str, Any] | None,
+        signals: _Signals,
+        resume: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
-        stage, clock = self.stage, self.clock
-        if self.rank == 0:
-            self.record = Record(
-                self.stages,
-                self.data,
-                out_dir,
-                self.report_steps,
-                self.eval_steps,
-                self.settings,
-                hparams,
-                self.report_inboxes,
-            )
+        stage, clock, method = self.stage, self.clock, self.method
+        info = {"method": method.name, "model": method.model.name, "dataset": self.data.name}
+        parts = [tuple(p.shape) for p in stage.parts().parameters()]
+        signature = {
+            **info,
+            "architecture": f"{len(parts)} tensors, {sum(torch.Size(s).numel() for s in parts)} parameters",
+            "stage": f"{self.rank} of {self.world}",
+            "boundaries": self.settings["boundaries"],
+        }
         schedulers = [scheduler(o) for o in stage.optimizers()] if scheduler else []
         batches = self.data.batches(self.trainer.batch_size, self.trainer.seed)
+        run = Run(
+            out_dir,
+            info,
+            self.total,
+            signature,
+            self.trainer.checkpoint_every,
+            # Ranks are at most one checkpoint apart when one dies: two kept always share one.
+            max(2, self.trainer.keep_checkpoints),
+            records=self.rank == 0,
+            shard=None if self.rank == 0 else f"stage{self.rank}",
+            fields={"parallel": self.settings},
+            batches=batches,
+            schedulers=schedulers,
+            data=self.data,
+        )
+        self.hparams = hparams
+        restored = self._resume(run, resume)
+        start = self.last_checkpoint = run.start
+        self._schedule(start)
+        self._links(self.backend, start)
+        head = " and the head" if stage.last else ""
+        where = f"blocks {stage.start + 1}-{stage.end}{head}"
+        log.info(
+            "stage %d of %d: %s, staleness bound %d, %s",
+            self.rank,
+            self.world,
+            where,
+            self.staleness,
+            self.backend,
+        )
+        if self.rank == 0:
+            schedule = {
+                "steps": self.report_steps,
+                "logged": self.logged,
+                "eval_steps": self.eval_steps,
+                "diagnostics": self.diagnosed - {0},
+            }
+            self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
+            if restored:
+                self.record.load_state_dict(restored["record"])
+            if start in self.diagnosed:
+                self.record.diagnose(start, _peek(batches))
+        if start in self.report_set:  # a resumed run measures where it starts: every stage reports
+            self._report(start, {})
         pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
         self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
         progress = self.trainer.progress and self.rank == 0
-        bar = tqdm(total=self.total, disable=None if progress else True, unit="step", dynamic_ncols=True)
-        self.method.train()
-        step = 0
+        bar = tqdm(
+            total=self.total,
+            initial=start,
+            disable=None if progress else True,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        method.train()
+        step = start
         try:
-            for t in range(self.total):
-                x, y = next(batches)  # the same stream on every rank: labels need no sending
-                labels = stage.labels(x, y)
-                predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
-                if stage.first:
-                    h = x
-                else:
-                    with clock.waiting("wait_input"):
-                        h = self.inputs.get()
-                    h.requires_grad_()  # its gradient is the target of the stage below
-                out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
-                for s in schedulers:
-                    s.step()
-                self.method.guard.end_step()
-                if not stage.last:
-                    with clock.waiting("send"):
-                        self.activations.send(out)
-                    pending.append((t, out, labels, self.regressions))
-                self._use_targets(pending, t, self.staleness if t + 1 < self.total else 0)
-                clock.window["samples"] += len(x)
-                step = t + 1
-                bar.update()
-                if step in self.report_set:
-                    self._report(step, metrics)
+            with run.ending(lambda: step):
+                try:
+                    for t in range(start, self.total):
+                        x, y = next(batches)  # the same stream on every rank: labels need no sending
+                        labels = stage.labels(x, y)
+                        predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
+                        if stage.first:
+                            h = x
+                        else:
+                            with clock.waiting("wait_input"):
+                                h = self.inputs.get()
+                            h.requires_grad_()  # its gradient is the target of the stage below
+                        out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
+                        for s in schedulers:
+                            s.step()
+                        method.guard.end_step()
+                        if not stage.last:
+                            with clock.waiting("send"):
+                                self.activations.send(out)
+                            pending.append((t, out, labels, self.regressions))
+                        # At a checkpoint step (and the last) every target must be in: a whole state.
+                        self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
+                        clock.window["samples"] += len(x)
+                        step = t + 1
+                        bar.update()
+                        if step in self.report_set:
+                            self._report(step, metrics)
+                        if self.record is not None and step in self.diagnosed:
+                            self.record.diagnose(step, _peek(batches))  # the batch of the next step
+                        if run.due(step):
+                            self._save(run, step)
+                        if self.record is not None:
+                            with clock.aside():
+                                self.record.collect(block=False)
+                    for outbox in (self.activations, self.targets_out, self.reports_out):
+                        if outbox is not None:
+                            outbox.flush()
+                    if self.record is not None:
+                        self.record.collect(block=True)
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `_Signals`
+                    raise self._interrupted(signals.signum or signal.SIGINT, step, out_dir) from None
+                except PipelineError:
+                    if signals.arrives(_SIGNAL_GRACE_S):
+                        # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
+                        raise self._interrupted(signals.signum, step, out_dir) from None
+                    raise
+                mine = shares(clock.total)
+                log.info(
+                    "stage %d: %.0f samples/s; computing %.0f%%, waiting for input %.0f%%, for targets "
+                    "%.0f%%, sending %.0f%%, checkpoints %.1f%%; targets %.2f batches late on average",
+                    self.rank,
+                    mine["samples_per_s"],
+                    *(
+                        100 * mine[k]
+                        for k in (
+                            "compute_share",
+                            "wait_input_share",
+                            "wait_target_share",
+                            "send_share",
+                            "checkpoint_share",
+                        )
+                    ),
+                    mine.get("staleness_mean", 0.0),
+                )
                 if self.record is not None:
-                    with clock.aside():
-                        self.record.collect(block=False)
-            for outbox in (self.activations, self.targets_out, self.reports_out):
-                if outbox is not None:
-                    outbox.flush()
-            if self.record is not None:
-                self.record.collect(block=True)
-        except Divergence as divergence:
-            divergence.at_step(step + 1)
-            if self.record is not None:
-                where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
-                self.record.summary("diverged", step, divergence=where)
-            raise
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `_Signals`
-            interrupted = Interrupted(signals.signum or signal.SIGINT, step, str(out_dir), saved=False)
-            if self.record is not None:
-                self.record.summary("interrupted", step, error=str(interrupted))
-            raise interrupted from None
-        except Exception as error:
-            if isinstance(error, PipelineError) and signals.arrives(_SIGNAL_GRACE_S):
-                # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
-                interrupted = Interrupted(signals.signum, step, str(out_dir), saved=False)
-                if self.record is not None:
-                    self.record.summary("interrupted", step, error=str(interrupted))
-                raise interrupted from None
-            if self.record is not None:
-                self.record.summary("failed", step, error=str(error))
-            raise
+                    return run.summary("completed", step)
+                return {"status": "completed", "steps": step, "test_error": None, **mine}
         finally:
             bar.close()
-            if self.record is not None:
-                self.record.close()
-        mine = shares(clock.total)
-        log.info(
-            "stage %d: %.0f samples/s; computing %.0f%%, waiting for input %.0f%%, for targets %.0f%%, "
-            "sending %.0f%%; targets %.2f batches late on average",
-            self.rank,
-            mine["samples_per_s"],
-            *(
-                100 * mine[k]
-                for k in ("compute_share", "wait_input_share", "wait_target_share", "send_share")
-            ),
-            mine.get("staleness_mean", 0.0),
-        )
-        if self.record is not None:
-            return self.record.summary("completed", step)
-        return {"status": "completed", "steps": step, "test_error": None, **mine}
+
+    def _interrupted(self, signum: int, step: int, out_dir: Path) -> Interrupted:
+        return Interrupted(signum, step, str(out_dir), saved=False, last_checkpoint=self.last_checkpoint)
 
     def _target_sender(self, h: Tensor) -> Callable[[Tensor | None], None] | None:
         if self.targets_out is None:
@@ -510,9 +604,76 @@ class _StageRun:
         with self.clock.aside():
             raw = self.clock.close_window(self.method.guard.skipped)
             scalars = {**metrics, **self.stage.stats()}  # the stats after this step's targets
-            vector = encode(self.stage, raw, scalars, weights=step in self.eval_steps)
+            vector = encode(self.stage, raw, scalars, weights=self.weights.get(step))
         if self.record is not None:
             self.record.add(0, step, vector)
         else:
             with self.clock.waiting("send"):
                 self.reports_out.send(vector)
+
+
+def _peek(batches: Any) -> tuple[Tensor, Tensor]:
+    """The next batch of the stream, which stays where it was."""
+    state = batches.state_dict()
+    batch = next(batches)
+    batches.load_state_dict(state)
+    return batch
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    """`value` of every rank, in rank order."""
+    if world == 1:
+        return [value]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def _agreed_checkpoint(
+    resume: str | os.PathLike | None, run: Run, world: int, device: torch.device
+) -> tuple[Path, dict[str, Any]] | None:
+    """This rank's part of the newest checkpoint that every rank holds intact, and its state;
+    None when they share none (a fresh start).
+
+    Each rank keeps its own part of a checkpoint (`checkpoint.path_of` with its shard; rank 0's
+    is the run's `step_*.pt`); a rank killed while the others saved lacks the newest, so the
+    ranks agree on the newest step all of them have and can read. `resume` is a run folder to
+    take it from, or one of its `checkpoints/step_*.pt` for that step exactly."""
+    folder, wanted = run.out_dir, None
+    if resume is not None:
+        path = Path(resume)
+        if path.is_dir():
+            folder = path
+        else:
+            wanted = checkpoint.step_of(path)
+            if wanted is None or not path.is_file():
+                raise CheckpointError(
+                    f"resume={str(path)!r} is not a checkpoint of a pipeline run; point it at a run folder "
+                    "or at its checkpoints/step_*.pt"
+                )
+            folder = path.parent.parent
+    mine = [checkpoint.step_of(p, run.shard) for p in checkpoint.checkpoints(folder, run.shard)]
+    common = set(mine)
+    for theirs in _gather(mine, world):
+        common &= set(theirs)
+    candidates = sorted(common, reverse=True) if wanted is None else [wanted]
+    for step in candidates:
+        path = checkpoint.path_of(folder, step, run.shard)
+        state, problem = None, None
+        try:
+            state = checkpoint.load(path, run.signature, device)
+        except CheckpointError as error:
+            problem = error
+        problems = [p for p in _gather(str(problem) if problem else None, world) if p]
+        if not problems:
+            return path, state
+        damaged = all("is corrupt or truncated" in p for p in problems)
+        if wanted is not None or not damaged:
+            raise CheckpointError(problems[0])
+        log.warning("%s; resuming from an earlier checkpoint", problems[0].split("; point")[0])
+    if resume is not None:
+        raise CheckpointError(
+            f"resume={str(resume)!r} holds no checkpoint that every stage has; point it at a run folder "
+            "of a pipeline run with as many stages"
+        )
+    return None

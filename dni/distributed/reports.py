@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from dni.distributed.links import Inbox
 from dni.distributed.stage import Stage
-from dni.tracking import Tracker
+from dni.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ RAW = (
     "wait_input_s",  # blocked on the activation from the stage below
     "wait_target_s",  # blocked on a target from the stage above (the staleness bound)
     "send_s",  # handing messages to the sender thread (only long when the peer falls behind)
+    "checkpoint_s",  # saving checkpoints (on rank 0 also waiting for the reports up to them)
     "delay_sum",  # staleness of the targets used: newer batches run before each one arrived
     "delay_count",
     "delay_max",
@@ -53,7 +53,8 @@ class Clock:
 
     @contextmanager
     def waiting(self, kind: str) -> Iterator[None]:
-        """Time spent in the block counts as `kind` ("wait_input", "wait_target", "send")."""
+        """Time spent in the block counts as `kind` ("wait_input", "wait_target", "send",
+        "checkpoint")."""
         began = time.perf_counter()
         try:
             yield
@@ -100,14 +101,15 @@ def accumulate(total: dict[str, float], window: dict[str, float]) -> None:
 def shares(raw: dict[str, float]) -> dict[str, float]:
     """Throughput, the shares of wall time, and staleness, from raw measurements."""
     wall = max(raw["wall_s"], 1e-9)
-    waits = raw["wait_input_s"] + raw["wait_target_s"] + raw["send_s"]
+    waits = raw["wait_input_s"] + raw["wait_target_s"] + raw["send_s"] + raw["checkpoint_s"]
     out = {
         "samples_per_s": raw["samples"] / wall,
-        "compute_share": max(0.0, 1.0 - waits / wall),  # not waiting on a peer
+        "compute_share": max(0.0, 1.0 - waits / wall),  # not waiting on a peer nor saving
         "cpu_share": min(1.0, raw["cpu_s"] / wall),  # of which the main thread ran on a core
         "wait_input_share": raw["wait_input_s"] / wall,
         "wait_target_share": raw["wait_target_s"] / wall,
         "send_share": raw["send_s"] / wall,
+        "checkpoint_share": raw["checkpoint_s"] / wall,
     }
     if raw["delay_count"]:
         out["staleness_mean"] = raw["delay_sum"] / raw["delay_count"]
@@ -115,8 +117,9 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: bool) -> Tensor:
-    """A stage's report: raw measurements, its scalars (NaN when missing), its weights if asked."""
+def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: str | None) -> Tensor:
+    """A stage's report: raw measurements, its scalars (NaN when missing), and its weights if
+    asked: "blocks" (for evaluation), or "full" (with the synthesizers', for diagnostics)."""
     values = list(raw)
     for key in stage.report_keys():
         value = scalars.get(key)
@@ -124,63 +127,88 @@ def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: 
     device = next(stage.method.model.parameters()).device
     parts = [torch.tensor(values, dtype=torch.float64, device=device)]
     if weights:
-        parts.append(stage.state_vector())
+        parts.append(stage.state_vector(full=weights == "full"))
     return torch.cat(parts)
 
 
-def report_buffers(stage: Stage, steps: list[int], eval_steps: set[int]) -> Callable[[int], Tensor]:
-    """Allocates the buffer for report i of `stage` (see `encode`)."""
+def report_buffers(stage: Stage, steps: list[int], weights: dict[int, str]) -> Callable[[int], Tensor]:
+    """Allocates the buffer for report i of `stage` (see `encode`; `weights` by step)."""
     device = next(stage.method.model.parameters()).device
     size = len(RAW) + len(stage.report_keys())
-    sizes = [size + (stage.state_size() if s in eval_steps else 0) for s in steps]
+    sizes = [size + (stage.state_size(weights[s] == "full") if s in weights else 0) for s in steps]
     return lambda i: torch.empty(sizes[i], dtype=torch.float64, device=device)
 
 
 class Record:
-    """Rank 0's record of the run: TensorBoard events and `metrics.json` in `out_dir`.
+    """Rank 0's record of the pipeline's run, kept through `run` (`dni.run.Run`): each stage's
+    reports, written once every stage has reported a step, in step order; the test metrics of
+    the model assembled from the stages' weights of that step; and at the steps `diagnostics`
+    names, the gradient fidelity of the method assembled likewise, on that step's batch.
 
-    `add` takes rank 0's own reports, `collect` the others' from `inboxes` (stage -> inbox);
-    a step is written once every stage has reported it, in step order.
+    `add` takes rank 0's own reports, `collect` the others' from `inboxes` (stage -> inbox).
+    `steps` are the report steps, `logged` those whose scalars are written, `weights` what
+    weights the reports of a step carry ("blocks" or "full"), `eval_steps` and `diagnostics`
+    the steps after which the assembled model is tested and measured.
     """
 
     def __init__(
         self,
+        run: Run,
         stages: list[Stage],
         data: Any,
-        out_dir: Path,
-        steps: list[int],
-        eval_steps: set[int],
-        settings: dict[str, Any],
-        hparams: dict[str, Any] | None,
+        schedule: dict[str, Any],
         inboxes: dict[int, Inbox],
     ):
-        self.stages, self.data, self.steps, self.eval_steps = stages, data, steps, eval_steps
-        self.settings, self.inboxes = settings, inboxes
+        self.run, self.stages, self.data, self.inboxes = run, stages, data, inboxes
+        self.steps, self.logged = schedule["steps"], schedule["logged"]
+        self.eval_steps, self.diagnostics = schedule["eval_steps"], schedule["diagnostics"]
         method = stages[0].method
         self.lr = method.optimizers[0].param_groups[0]
-        self.tracker = Tracker(
-            out_dir, {"method": method.name, "model": method.model.name, "dataset": data.name}
-        )
-        if hparams:
-            self.tracker.hparams(hparams)
-        self.eval_model = copy.deepcopy(method.model)  # assembled from the stages' weights of one step
+        # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
+        self.assembled = copy.deepcopy(method)
+        self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
         self.arrived: dict[int, dict[int, Tensor]] = {}
         self.written = 0
         self.totals = [dict.fromkeys(RAW, 0.0) for _ in stages]
-        self.started = time.perf_counter()
-        self.tracker.write_metrics("running", steps=0, total_steps=steps[-1], parallel=settings)
+        run.measures = self.measures
+
+    def measures(self) -> dict[str, Any]:
+        """What the stages measured over the run, for `metrics.json`."""
+        last = self.totals[-1]
+        return {
+            "samples_per_s": last["samples"] / max(last["wall_s"], 1e-9),
+            "skipped_updates": int(sum(t["skipped_updates"] for t in self.totals)),
+            "stages": [{k: round(v, 4) for k, v in shares(t).items()} for t in self.totals],
+        }
+
+    def state_dict(self) -> dict:
+        return {"totals": self.totals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals = [{**dict.fromkeys(RAW, 0.0), **t} for t in state["totals"]]
+
+    def diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Measure after `step` on `batch` (the next one): now for step 0, whose weights are
+        every rank's initial ones; else once every stage's weights of that step are in (a
+        resumed run's first step too: rank 0 holds only its own stage's)."""
+        if step == 0:
+            self._diagnose(0, batch)
+        else:
+            self.batches[step] = batch
 
     def add(self, stage: int, step: int, vector: Tensor) -> None:
         self.arrived.setdefault(step, {})[stage] = vector
 
-    def collect(self, block: bool) -> None:
+    def collect(self, block: bool, through: int | None = None) -> None:
         """Take the reports that have arrived and write every step that is complete; with
-        `block`, wait for all of them."""
+        `block`, wait for all of them (`through` a step: for those up to it)."""
         for k, inbox in self.inboxes.items():
             while inbox.received < len(self.steps) and (vector := inbox.poll()) is not None:
                 self.add(k, self.steps[inbox.received - 1], vector)
         while self.written < len(self.steps):
             step = self.steps[self.written]
+            if through is not None and step > through:
+                return
             got = self.arrived.setdefault(step, {})
             if len(got) < len(self.stages):
                 if not block:
@@ -203,36 +231,20 @@ class Record:
             scalars.update({f"pipeline/stage{k}/{key}": v for key, v in shares(raw).items()})
             if stage.last:  # what leaves the pipeline
                 scalars["train/samples_per_s"] = shares(raw)["samples_per_s"]
-        self.tracker.scalars(scalars, step)
+            if step in self.eval_steps or step in self.diagnostics:
+                weights = vectors[k][len(RAW) + len(keys) :]
+                stage.load_state_vector(weights, self.assembled, full=step in self.diagnostics)
+        if step in self.logged:
+            self.run.tracker.scalars(scalars, step)
         if step in self.eval_steps:
-            self._evaluate(step, vectors)
+            results = {f"test/{key}": v for key, v in self.data.evaluate(self.assembled.model).items()}
+            self.run.evaluated(step, results)
+        if step in self.diagnostics:
+            self._diagnose(step, self.batches.pop(step))
 
-    def _evaluate(self, step: int, vectors: dict[int, Tensor]) -> None:
-        for k, stage in enumerate(self.stages):
-            stage.load_state_vector(vectors[k][len(RAW) + len(stage.report_keys()) :], self.eval_model)
-        results = {f"test/{key}": v for key, v in self.data.evaluate(self.eval_model).items()}
-        self.tracker.scalars(results, step, history=True)
-        total = self.steps[-1]
-        error, loss = 100 * results["test/error"], results["test/loss"]
-        log.info("step %d/%d: test error %.2f%%, test loss %.4f", step, total, error, loss)
-        self.tracker.write_metrics("running", steps=step, total_steps=total, parallel=self.settings)
-
-    def summary(self, status: str, step: int, **extra: Any) -> dict[str, Any]:
-        """Write `metrics.json` with `status` and what the stages measured over the run."""
-        last = self.totals[-1]
-        return self.tracker.write_metrics(
-            status,
-            steps=step,
-            total_steps=self.steps[-1],
-            test_error=self.tracker.last.get("test/error"),
-            test_loss=self.tracker.last.get("test/loss"),
-            wall_time_s=time.perf_counter() - self.started,
-            samples_per_s=last["samples"] / max(last["wall_s"], 1e-9),
-            skipped_updates=int(sum(t["skipped_updates"] for t in self.totals)),
-            parallel=self.settings,
-            stages=[{k: round(v, 4) for k, v in shares(t).items()} for t in self.totals],
-            **extra,
-        )
-
-    def close(self) -> None:
-        self.tracker.close()
+    def _diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Gradient fidelity of the assembled method after `step`, logged at `step + 1` as one
+        process logs the measurement it takes before training on that batch."""
+        self.assembled.train()
+        values = self.assembled.diagnostics(*batch)
+        self.run.tracker.scalars(values, step + 1)

@@ -45,6 +45,34 @@ class Stage:
             found += [o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o]
         return found
 
+    def parts(self, method: DecoupledNeuralInterfaces | None = None) -> nn.ModuleList:
+        """What the stage trains, in `method` (by default its own): its blocks (the head's too, on
+        the last stage), and its interfaces' synthesizers and input synthesizers."""
+        method = method or self.method
+        found = [*method.model.blocks[self.start : self.end]]
+        for k, interface in enumerate(method.interfaces):
+            if self.start < method.cuts[k] <= self.end:
+                found += [interface.synthesizer, *filter(None, [interface.input_synthesizer])]
+        return nn.ModuleList(found)
+
+    def state_dict(self) -> dict:
+        """Everything the stage's training depends on: its parts, their optimisers, its
+        interfaces' step counts and the divergence guard's counts (of this process)."""
+        return {
+            "parts": self.parts().state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers()],
+            "interface_steps": [i.steps_seen for i in self.interfaces],
+            "guard": self.method.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.parts().load_state_dict(state["parts"])
+        for optimizer, saved in zip(self.optimizers(), state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for interface, seen in zip(self.interfaces, state["interface_steps"], strict=True):
+            interface.steps_seen = seen
+        self.method.guard.load_state_dict(state["guard"])
+
     def labels(self, x: Tensor, y: Tensor) -> Tensor:
         return one_hot(y, self.method.num_classes, like=x)
 
@@ -106,27 +134,31 @@ class Stage:
             keys += [f"sg/{kind}/{interface.name}" for kind in kinds]
         return keys
 
-    def state_vector(self, model: nn.Module | None = None) -> Tensor:
-        """The floating-point parameters and buffers of the stage's blocks (in `model`, by
-        default the method's), flattened into one vector: what evaluation needs."""
-        tensors = _float_state(model or self.method.model, self.start, self.end)
+    def state_vector(self, method: DecoupledNeuralInterfaces | None = None, full: bool = False) -> Tensor:
+        """The floating-point parameters and buffers of the stage's blocks (in `method`, by
+        default its own) flattened into one vector: what evaluation needs; with `full`, those of
+        its synthesizers follow (what gradient-fidelity diagnostics need as well)."""
+        tensors = self._float_state(method or self.method, full)
         return torch.cat([t.detach().reshape(-1).double() for t in tensors])
 
-    def load_state_vector(self, vector: Tensor, model: nn.Module) -> None:
-        """Copy a `state_vector` into the stage's blocks of `model` (a copy for evaluation)."""
+    def load_state_vector(
+        self, vector: Tensor, method: DecoupledNeuralInterfaces, full: bool = False
+    ) -> None:
+        """Copy a `state_vector` into the stage's part of `method` (a copy for evaluation)."""
         offset = 0
         with torch.no_grad():
-            for t in _float_state(model, self.start, self.end):
+            for t in self._float_state(method, full):
                 t.copy_(vector[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def state_size(self) -> int:
-        return sum(t.numel() for t in _float_state(self.method.model, self.start, self.end))
+    def state_size(self, full: bool = False) -> int:
+        return sum(t.numel() for t in self._float_state(self.method, full))
 
-
-def _float_state(model: nn.Module, start: int, end: int) -> list[Tensor]:
-    state = [*model.blocks[start:end].parameters(), *model.blocks[start:end].buffers()]
-    return [t for t in state if t.is_floating_point()]
+    def _float_state(self, method: DecoupledNeuralInterfaces, full: bool) -> list[Tensor]:
+        parts = self.parts(method)
+        modules = parts if full else parts[: self.end - self.start]  # the blocks come first
+        state = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        return [t for t in state if t.is_floating_point()]
 
 
 def check_boundaries(boundaries: Sequence[int], stages: int, cuts: Sequence[int]) -> list[int]:

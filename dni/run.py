@@ -1,0 +1,274 @@
+"""One run's life, however it trains: its record (TensorBoard events and `metrics.json`), its
+clock, its checkpoints and how it resumes, and what is written when it stops.
+
+`Trainer.fit` (one process) and every stage of a pipeline (`dni.distributed`, one process per
+stage) train through a `Run`: the loop says what a step is; the run says where it is written,
+when it is saved, what a resumed run starts from, and how an end is recorded, the same way for
+both. In a pipeline every rank saves its own part of each checkpoint and rank 0 alone writes
+the record (`records=True`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dni import checkpoint
+from dni.errors import CheckpointError, Divergence, DNIError, Interrupted, RunFolderError
+from dni.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Run:
+    """The bookkeeping of one run in `out_dir`, shared by every way of training.
+
+    Args:
+        out_dir: the run folder.
+        info: what the run is (method, model, dataset): written into `metrics.json`.
+        total: the step budget.
+        signature: what a checkpoint must match to be resumed here (`checkpoint.load`).
+        checkpoint_every: a checkpoint every so many steps, and one at the last step.
+        keep: how many of the newest checkpoints to keep.
+        records: whether this process writes TensorBoard and `metrics.json` (in a pipeline, rank 0).
+        shard: this process's part of each checkpoint (`checkpoint.path_of`); None for the file
+            that holds the run's own state.
+        fields: what every `metrics.json` of the run carries besides (a pipeline's settings).
+        batches, schedulers, data: the loop's batch stream, learning-rate schedules and task,
+            saved and restored with the run (with the random generators, they are what makes
+            a resumed step the step an uninterrupted run would take, besides the model).
+
+    The loop sets `measures` to what it measured over the run (throughput, skipped updates),
+    added to the summary whenever `metrics.json` is written.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        info: dict[str, Any],
+        total: int,
+        signature: dict[str, Any],
+        checkpoint_every: int,
+        keep: int,
+        records: bool = True,
+        shard: str | None = None,
+        fields: dict[str, Any] | None = None,
+        batches: Any = None,
+        schedulers: list[Any] = (),
+        data: Any = None,
+    ):
+        self.batches, self.schedulers, self.data = batches, list(schedulers), data
+        self.out_dir, self.info, self.total, self.signature = Path(out_dir), dict(info), total, signature
+        self.checkpoint_every, self.keep, self.records, self.shard = checkpoint_every, keep, records, shard
+        self.fields = dict(fields or {})
+        self.start = 0
+        self.tracker: Tracker | None = None
+        self.clock = Clock()
+        self.measures: Callable[[], dict[str, Any]] = dict
+
+    # -- start -------------------------------------------------------------------------
+    def begin(
+        self,
+        found: tuple[Path, dict[str, Any]] | None,
+        hparams: dict[str, Any] | None = None,
+        hparams_columns: bool = True,
+    ) -> dict[str, Any] | None:
+        """Start afresh, or go on from `found` (a checkpoint and its state, whose model the loop
+        has loaded): restore the batch stream, the schedules, the task, the random generators,
+        the clock and the record, and write status "running". Returns the restored state, or
+        None."""
+        restored = found[1] if found is not None else None
+        if restored is not None:
+            self._load_stream(found[0], restored)
+            self.start = restored["step"]
+            checkpoint.set_rng_state(restored["rng"])
+            log.info("resuming from %s at step %d", found[0], self.start)
+        self.clock = Clock(restored.get("clock") if restored else None)
+        if not self.records:
+            return restored
+        # TensorBoard hides events at or after `purge_step` written before it: on resume, those
+        # after the checkpoint; on a fresh start over the events of a run killed before its
+        # first checkpoint, all of them (its steps are about to be logged again).
+        purge_step = (
+            self.start + 1 if restored else (1 if any(self.out_dir.glob("events.out.tfevents.*")) else None)
+        )
+        self.tracker = Tracker(self.out_dir, self.info, purge_step=purge_step)
+        if restored:
+            self.tracker.load_state_dict(restored["tracker"])
+        if hparams and not restored:
+            self.tracker.hparams(hparams, experiment=hparams_columns)
+        self.tracker.write_metrics("running", steps=self.start, total_steps=self.total, **self.fields)
+        return restored
+
+    # -- checkpoints -------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is taken after `step`: a function of the step alone, so every
+        process of a run saves at the same steps."""
+        return step % self.checkpoint_every == 0 or step == self.total
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Save the loop's training `state` at `step` with the run's own (random generators,
+        and where this process keeps the record: the record's state and the clock), atomically;
+        then record that the run got this far."""
+        state = {
+            "signature": self.signature,
+            "step": step,
+            **state,
+            "batches": self.batches.state_dict() if self.batches is not None else None,
+            "task": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "rng": checkpoint.rng_state(),
+        }
+        if self.tracker is not None:
+            state.update(tracker=self.tracker.state_dict(), clock=self.clock.state_dict())
+            self.tracker.writer.flush()  # events up to the checkpoint survive a kill; later ones are purged
+        path = checkpoint.save(self.out_dir, step, state, keep=self.keep, shard=self.shard)
+        if self.tracker is not None:
+            self.tracker.write_metrics("running", steps=step, total_steps=self.total, **self.fields)
+        return path
+
+    def _load_stream(self, source: Path, state: dict[str, Any]) -> None:
+        if self.batches is not None:
+            self.batches.load_state_dict(state["batches"])
+        if len(state["schedulers"]) != len(self.schedulers):
+            raise CheckpointError(
+                f"checkpoint {source} holds the schedules of {len(state['schedulers'])} optimisers "
+                f"and this run has {len(self.schedulers)}; resume it with the settings it was saved with "
+                "(for DNI: method.batched=false for a run saved before the batched step existed)"
+            )
+        for schedule, saved in zip(self.schedulers, state["schedulers"]):
+            schedule.load_state_dict(saved)
+        if hasattr(self.data, "load_state_dict"):  # e.g. a curriculum's level
+            self.data.load_state_dict(state["task"])
+
+    # -- the record --------------------------------------------------------------------
+    def evaluated(self, step: int, results: dict[str, float]) -> None:
+        """Record the test metrics of `step` (`test/error`, `test/loss`, ...) and log them."""
+        self.tracker.scalars(results, step, history=True)
+        log.info(
+            "step %d/%d: test error %.2f%%, test loss %.4f",
+            step,
+            self.total,
+            100 * results["test/error"],
+            results["test/loss"],
+        )
+
+    def summary(self, status: str, step: int, **extra: Any) -> dict[str, Any]:
+        """Write `metrics.json` with `status` at `step`, and return it."""
+        last = self.tracker.last
+        return self.tracker.write_metrics(
+            status,
+            steps=step,
+            total_steps=self.total,
+            test_error=last.get("test/error"),
+            test_loss=last.get("test/loss"),
+            wall_time_s=self.clock.elapsed(),
+            **self.measures(),
+            **self.fields,
+            **extra,
+        )
+
+    @contextmanager
+    def ending(self, step: Callable[[], int]) -> Iterator[None]:
+        """Record how the run ends when the block raises (`step()`: the steps done by then):
+        "diverged" with where, "interrupted", or "failed" with the error; a full disk becomes
+        one sentence naming the folder. The record is closed on the way out, whatever happens."""
+        try:
+            yield
+        except Divergence as divergence:
+            if divergence.step is None:  # a deferred check names the step it went bad at
+                divergence.at_step(step() + 1)
+            where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
+            self._record("diverged", step(), divergence=where)
+            raise
+        except Interrupted as interrupted:
+            self._record("interrupted", step(), error=str(interrupted))
+            raise
+        except Exception as error:
+            full = (
+                isinstance(error, OSError) and not isinstance(error, DNIError) and error.errno in _DISK_FULL
+            )
+            if full:
+                error = RunFolderError(
+                    f"cannot write into the run folder {self.out_dir}: {os.strerror(error.errno).lower()}; "
+                    "free space there and run the same command again, or write the run into another folder"
+                )
+            if getattr(error, "record", True):  # not a folder that is another run's
+                message = str(error) if isinstance(error, DNIError) else f"{type(error).__name__}: {error}"
+                self._record("failed", step(), error=message)
+            if full:
+                raise error from None
+            raise
+        finally:
+            if self.tracker is not None:
+                if_writable(self.tracker.close)  # a failed flush must not hide the error on its way out
+
+    def _record(self, status: str, step: int, **extra: Any) -> None:
+        if self.tracker is not None:
+            if_writable(lambda: self.summary(status, step, **extra))
+
+
+def if_writable(write: Callable[[], Any]) -> None:
+    """Record what can still be recorded; a full disk must not replace the error being raised."""
+    try:
+        write()
+    except OSError as error:
+        log.warning("could not record the run's end (%s)", error)
+
+
+class Clock:
+    """Wall time and training throughput, carried across resumes."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.before = state.get("elapsed", 0.0)
+        self.data_time = state.get("data_time", 0.0)
+        self.train_time = state.get("train_time", 0.0)
+        self.samples = state.get("samples", 0)
+        self.started = time.perf_counter()
+
+    def add(self, data_time: float, step_time: float, samples: int) -> None:
+        self.data_time += data_time
+        self.train_time += step_time
+        self.samples += samples
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        return {
+            "elapsed": self.elapsed(),
+            "data_time": self.data_time,
+            "train_time": self.train_time,
+            "samples": self.samples,
+        }
+
+
+def find_checkpoint(
+    resume: str | os.PathLike | None, out_dir: Path, signature: dict[str, Any], device: torch.device
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a one-process run resumes from and its state: `resume` (a file, strictly,
+    or a run folder's newest intact one), else the newest intact one in `out_dir`, else None."""
+    if resume is None:
+        return checkpoint.load_latest(out_dir, signature, device, set_aside=True)
+    path = Path(resume)
+    if not path.is_dir():
+        return path, checkpoint.load(path, signature, device)
+    # A damaged checkpoint is set aside only in our own folder, which we hold the lock of.
+    found = checkpoint.load_latest(path, signature, device, set_aside=path.resolve() == out_dir.resolve())
+    if found is None:
+        raise CheckpointError(
+            f"resume={str(path)!r} holds no checkpoints/step_*.pt; point it at a run folder that "
+            "has them or at a checkpoint file"
+        )
+    return found
