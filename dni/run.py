@@ -131,7 +131,7 @@ class Run:
         }
         if self.tracker is not None:
             state.update(tracker=self.tracker.state_dict(), clock=self.clock.state_dict())
-            self.tracker.writer.flush()  # events up to the checkpoint survive a kill; later ones are purged
+            self.tracker.flush()  # events up to the checkpoint survive a kill; later ones are purged
         path = checkpoint.save(self.out_dir, step, state, keep=self.keep, shard=self.shard)
         if self.tracker is not None:
             self.tracker.write_metrics("running", steps=step, total_steps=self.total, **self.fields)

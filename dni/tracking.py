@@ -92,10 +92,6 @@ class Tracker:
             _set_value(start.hparams[key], value)
         self.writer.file_writer.add_summary(_hparams_summary(session_start_info=start))
 
-    def layout(self, charts: dict[str, list[str]]) -> None:
-        """Several tags on one chart each (e.g. a method and its backprop control)."""
-        self.writer.add_custom_scalars({"compare": {t: ["Multiline", tags] for t, tags in charts.items()}})
-
     def write_metrics(self, status: str, **extra: Any) -> dict[str, Any]:
         """(Re)write `metrics.json` atomically and return what was written.
 

@@ -168,14 +168,6 @@ class Trainer:
             "skipped_updates": method.guard.skipped,
         }
         eval_models = method.eval_models()
-        if "control/test" in eval_models:
-            tracker.layout(
-                {
-                    "train loss": ["train/loss", "control/train/loss"],
-                    "test error": ["test/error", "control/test/error"],
-                    "test loss": ["test/loss", "control/test/loss"],
-                }
-            )
 
         def save(step: int) -> None:
             method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
