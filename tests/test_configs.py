@@ -6,13 +6,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from dni.cli.train import build, build_model, run
 from dni.data import ClassificationData, synthetic
 from dni.errors import ConfigError, DataNotFoundError
 from dni.methods import Method
 from dni.tasks import copy as copy_task
 from dni.tasks.windows import TokenWindows
-from experiments.train import build, build_model, run
-from tests.conftest import CONF, compose_config, data_root
+from tests.helpers import CONF, compose_config, data_root
 
 RECURRENT = ("dni.recurrent.", "dni.methods.recurrent.")  # sequence cores and their rules
 

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
+from dni.cli.train import run
 from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
 from dni.guard import Guard
-from experiments.train import run
-from tests.conftest import CONF, compose_config
-from tests.helpers import assert_below, batches
+from tests.helpers import CONF, assert_below, batches, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)

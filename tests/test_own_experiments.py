@@ -11,10 +11,9 @@ import sys
 
 import pytest
 
+from dni.cli.train import run
 from dni.errors import ConfigError
-from experiments.train import run
-from tests.conftest import REPO, compose_config, data_root
-from tests.helpers import assert_below
+from tests.helpers import REPO, assert_below, compose_config, data_root
 
 TINY = [
     "dataset=synthetic",

@@ -9,15 +9,14 @@ from functools import partial
 import pytest
 import torch
 
+from dni.cli.train import run
 from dni.errors import ConfigError
 from dni.methods.recurrent import RecurrentDNI
 from dni.recurrent import LSTMNet
 from dni.synthesizers import LinearSynthesizer, OracleSynthesizer
 from dni.tasks import copy as copy_task
 from dni.tasks import text
-from experiments.train import run
-from tests.conftest import compose_config, data_root, read_scalars
-from tests.helpers import assert_below
+from tests.helpers import assert_below, compose_config, data_root, read_scalars
 
 SGD = partial(torch.optim.SGD, lr=0.1)
 ADAM = partial(torch.optim.Adam, lr=1e-3)

@@ -1,6 +1,6 @@
 """What a sweep varies, worked out once when it starts, so that every job can say it.
 
-At the start of a multirun (`experiments.callbacks.SweepSetup`) the sweep's job list is
+At the start of a multirun (`dni.cli.callbacks.SweepSetup`) the sweep's job list is
 expanded from Hydra's overrides (the experiment's `hydra.sweeper.params` and the command
 line), and written to `sweep.json` in the sweep folder:
 

@@ -1,7 +1,7 @@
 """Turn a sweep's runs into its table, figures and CSV files.
 
-    python experiments/report.py outputs/multirun/2026-11-22/10-00-00
-    python experiments/report.py --help       # every option
+    dni-report outputs/multirun/2026-11-22/10-00-00
+    dni-report --help       # every option
 
 reads every job's `.hydra/` configs and `metrics.json` (nothing is typed in by hand) and
 writes into the sweep folder: `report.md` (the table and the figures), each figure as PNG
@@ -13,7 +13,7 @@ overrides; `method` first when it was swept), and only `seed` is averaged: a cel
 mean ± standard deviation over seeds and their number n, the figures draw it as error bars.
 An experiment's `report:` node (rows, columns, title, figures) sets other defaults;
 options on the command line override both. Every sweep makes its report when it ends
-(`experiments.callbacks.SweepReport`). Failed, diverged and unfinished jobs are marked in
+(`dni.cli.callbacks.SweepReport`). Failed, diverged and unfinished jobs are marked in
 their cells, never dropped silently.
 """
 
@@ -33,10 +33,8 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find `experiments.*`
-
-from dni.tracking import read_metrics  # noqa: E402
-from experiments.sweep import swept_keys  # noqa: E402
+from dni.cli.sweep import swept_keys
+from dni.tracking import read_metrics
 
 # One colour per learning rule, the same in every figure.
 COLORS = {
@@ -590,7 +588,7 @@ def make_report(sweep_dir: str | Path, spec: ReportSpec | None = None) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python experiments/report.py",
+        prog="dni-report",
         description=textwrap.fill(
             __doc__.split("\n\n", 1)[0].strip() + " Writes report.md, the figures (PNG and PDF), "
             "summary.csv and evaluations.csv into the sweep folder.",
@@ -645,5 +643,10 @@ def main(argv: list[str] | None = None) -> None:
     print(make_report(args.sweep_dir, spec).read_text())  # the table is this command's output
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `dni-report` command."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

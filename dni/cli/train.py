@@ -1,8 +1,10 @@
 """Train one configuration; the only Hydra entry point.
 
-    python experiments/train.py                                  # backprop, FCN, MNIST
-    python experiments/train.py experiment=mnist_fcn_cdni        # a paper setting
-    python experiments/train.py -m method=bprop,dni,cdni model.depth=3,6
+    dni-train                                  # backprop, FCN, MNIST
+    dni-train experiment=mnist_fcn_cdni        # a paper setting
+    dni-train -m method=bprop,dni,cdni model.depth=3,6
+
+(`python -m dni` and `python experiments/train.py` are the same command.)
 
 Each run writes into its Hydra output folder: `.hydra/`, TensorBoard events,
 `metrics.json` and `checkpoints/`. Errors a user can cause end the run with one sentence
@@ -34,16 +36,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so Hydra finds `experiments.*`
-
-from dni import checkpoint  # noqa: E402
-from dni.data import ClassificationData  # noqa: E402
-from dni.errors import ConfigError, DNIError, Interrupted, RunFolderError  # noqa: E402
-from dni.methods import Backprop  # noqa: E402
-from dni.splitting import split  # noqa: E402
-from dni.tracking import read_metrics, write_json  # noqa: E402
-from experiments.callbacks import RunFailed  # noqa: E402
-from experiments.sweep import hyperparameters, sweep_hparams  # noqa: E402
+from dni import checkpoint
+from dni.cli.callbacks import RunFailed
+from dni.cli.sweep import hyperparameters, sweep_hparams
+from dni.data import ClassificationData
+from dni.errors import ConfigError, DNIError, Interrupted, RunFolderError
+from dni.methods import Backprop
+from dni.splitting import split
+from dni.tracking import read_metrics, write_json
 
 log = logging.getLogger("dni")
 
@@ -274,7 +274,7 @@ def build_model(node: DictConfig, input_shape: tuple[int, ...], num_classes: int
 def run_hparams(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
     """The run's hyperparameters for TensorBoard's HPARAMS view, and whether the run declares
     the view's columns itself: a job of a planned sweep writes its sweep's keys instead,
-    declared once in the sweep's folder (`experiments.sweep`)."""
+    declared once in the sweep's folder (`dni.cli.sweep`)."""
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     values = hyperparameters(cfg, OmegaConf.to_container(hydra_cfg.runtime.choices) if hydra_cfg else None)
     if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
@@ -494,6 +494,11 @@ def quiet_other_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `dni-train` command (and `python -m dni`)."""
     quiet_other_ranks()
     main()
+
+
+if __name__ == "__main__":
+    cli()

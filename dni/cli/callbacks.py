@@ -14,9 +14,9 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from dni.cli import sweep  # noqa: F401  (registers the resolvers that name a sweep's jobs)
 from dni.errors import FolderInUse
 from dni.tracking import lock_folder
-from experiments import sweep  # noqa: F401  (registers the resolvers that name a sweep's jobs)
 
 log = logging.getLogger("dni")
 
@@ -87,10 +87,10 @@ def why_unwritable(folder: Path) -> str | None:
 
 class SweepSetup(Callback):
     """At the start of a multirun: what the sweep varies, for the jobs' folder names, log lines
-    and HPARAMS columns (`experiments.sweep`)."""
+    and HPARAMS columns (`dni.cli.sweep`)."""
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
-        from experiments.sweep import plan, write_plan
+        from dni.cli.sweep import plan, write_plan
 
         HydraConfig.instance().set_config(config)
         sweep_plan = plan(config, config_name)
@@ -110,7 +110,7 @@ class SweepReport(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from experiments.report import ReportSpec, collect, make_report
+        from dni.cli.report import ReportSpec, collect, make_report
 
         sweep_dir = getattr(self, "sweep_dir", None) or Path(str(config.hydra.sweep.dir))
         runs = collect(sweep_dir)
