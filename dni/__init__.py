@@ -6,6 +6,7 @@ from dni.data import ClassificationData, synthetic, vision
 from dni.errors import CheckpointError, ConfigError, DataNotFoundError, Divergence, DNIError
 from dni.guard import Guard
 from dni.interface import DNI
+from dni.lstm import LSTMNet
 from dni.methods import (
     Backprop,
     BackwardNetwork,
@@ -19,7 +20,6 @@ from dni.methods import (
     RecurrentDNI,
 )
 from dni.models import CNN, FCN, BlockNet, CharTransformer, ResNet
-from dni.recurrent import LSTMNet
 from dni.splitting import split
 from dni.synthesizers import (
     ConvSynthesizer,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dni.errors import DataNotFoundError
-from dni.recurrent import LSTMNet, step_losses
+from dni.lstm import LSTMNet, step_losses
 from dni.tasks import copy, repeat_copy, text
 from tests.helpers import data_root
 

@@ -43,6 +43,7 @@ COLORS = {
     "bptt": "black",
     "dni": "tab:blue",
     "cdni": "tab:orange",
+    "rnn_dni": "tab:blue",
     "dni_aux": "tab:purple",
     "backward_net": "tab:gray",
     "fa": "tab:green",
