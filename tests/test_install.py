@@ -106,6 +106,7 @@ def test_a_wheel_in_a_fresh_environment_trains_from_an_empty_folder(tmp_path):
     assert Path(module_file).is_relative_to(venv_site), f"dni came from {module_file}, not the wheel"
     assert version != "0+unknown", "the installed wheel has no metadata for dni.__version__"
 
+    checked = time.perf_counter()
     _run([str(venv / "bin" / "dni-train"), "debug=fast"],
          cwd=empty, env=env, timeout=300)  # fmt: skip
     (metrics_file,) = (empty / "outputs").glob("debug/*/*/metrics.json")
@@ -113,12 +114,16 @@ def test_a_wheel_in_a_fresh_environment_trains_from_an_empty_folder(tmp_path):
     assert metrics["status"] == "completed"
     assert metrics["steps"] == 20
     assert (metrics_file.parent / ".hydra" / "config.yaml").is_file()
+    trained = time.perf_counter()
     report_help = _run([str(venv / "bin" / "dni-report"), "--help"], cwd=empty, env=env)
     assert "usage: dni-report" in report_help.stdout
     finished = time.perf_counter()
     log.warning(
-        "wheel test: build %.1f s, fresh environment and install %.1f s, dni-train debug=fast %.1f s",
+        "wheel test: build %.1f s, fresh environment and install %.1f s, import check %.1f s, "
+        "dni-train debug=fast %.1f s, dni-report --help %.1f s",
         built - started,
         installed - built,
-        finished - installed,
+        checked - installed,
+        trained - checked,
+        finished - trained,
     )
