@@ -24,6 +24,7 @@ synthetic gradient) becomes the regression target of the synthesizer, through a 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import torch
@@ -71,6 +72,10 @@ class DNI(nn.Module):
             here, so targets are lambda-returns as in TD(lambda) and at 1 equal the true
             gradient. Sending waits for `delta`, through the block at its current parameters:
             the synthesizers' learning (not the blocks') is then backward-locked.
+        synthesizer_ema: above 0, every synthetic gradient (injected here, and so the target
+            sent down) is predicted by a Polyak average of `M_k`'s weights, updated by this
+            factor after each of its steps, as TD learning takes bootstrapped targets from a
+            slowly moving target network; the regression still trains `M_k` itself.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class DNI(nn.Module):
         warmup_steps: int = 0,
         regression_steps: int = 1,
         target_lambda: float = 0.0,
+        synthesizer_ema: float = 0.0,
     ):
         super().__init__()
         if not 0.0 <= p_update <= 1.0:
@@ -103,9 +109,19 @@ class DNI(nn.Module):
             raise ConfigError(f"method.target_lambda={target_lambda!r} is not allowed; it must lie in [0, 1]")
         self.warmup_steps, self.regression_steps = warmup_steps, regression_steps
         self.target_lambda = float(target_lambda)
+        if not 0.0 <= synthesizer_ema < 1.0:
+            raise ConfigError(
+                f"method.synthesizer_ema={synthesizer_ema!r} is not allowed; it must lie in [0, 1)"
+            )
+        self.synthesizer_ema = float(synthesizer_ema)
         self.steps_seen = 0  # training passes so far; saved by the method with its checkpoints
         self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
         synthesizer.where = name  # named in its own messages (a wrong shape, a missing context)
+        # The Polyak average that predicts under `synthesizer_ema` (a synthesizer with nothing to
+        # learn, the oracle, has nothing to average).
+        self.average: Synthesizer | None = None
+        if synthesizer_ema > 0 and any(True for _ in synthesizer.parameters()):
+            self.average = copy.deepcopy(synthesizer).requires_grad_(False)
         self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
         self.guard = guard or Guard()
         self.name = name
@@ -138,7 +154,7 @@ class DNI(nn.Module):
         h = self.block(x)
         g = self.synthesizer(h.detach(), context)
         true_target = truth(h.detach()) if truth is not None else None
-        injected = self.injected(g)
+        injected = self.injected(g if self.average is None else self.average(h.detach(), context))
         # Under lambda-returns the target for the interface below leaves only once `delta` is here.
         sends_later = x.requires_grad and self.target_lambda > 0
         self.stats["norm"] = injected.norm().detach()
@@ -205,6 +221,18 @@ class DNI(nn.Module):
                 self.synthesizer_optimizer.zero_grad(set_to_none=True)
                 (self.sg_loss_weight * loss).backward()
             self.synthesizer_optimizer.step()
+            self._update_average()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        if self.average is not None:
+            averaged, online = list(self.average.parameters()), list(self.synthesizer.parameters())
+            torch._foreach_lerp_(averaged, online, 1.0 - self.synthesizer_ema)
+
+    @property
+    def predictor(self) -> Synthesizer:
+        """The synthesizer whose predictions are injected: `M_k`, or its average."""
+        return self.synthesizer if self.average is None else self.average
 
     def regress_late(self, h: Tensor, delta: Tensor, context: Tensor | None = None) -> None:
         """Regress `M_k` towards a target that arrives after `M_k` may have stepped (an
@@ -224,7 +252,7 @@ class DNI(nn.Module):
         predicted = self.input_synthesizer(network_input)
         if self.draw_update():
             h = forward_without_stat_updates(self.block, predicted.detach())
-            injected = self.injected(forward_without_stat_updates(self.synthesizer, h.detach(), context))
+            injected = self.injected(forward_without_stat_updates(self.predictor, h.detach(), context))
             if self.guard.synthetic_gradient(injected, self.name):
                 self.optimizer.zero_grad(set_to_none=True)
                 h.backward(injected)
@@ -244,5 +272,5 @@ class DNI(nn.Module):
         return (
             f"name={self.name}, p_update={self.p_update}, scale={self.scale}, "
             f"warmup_steps={self.warmup_steps}, regression_steps={self.regression_steps}, "
-            f"target_lambda={self.target_lambda}"
+            f"target_lambda={self.target_lambda}, synthesizer_ema={self.synthesizer_ema}"
         )

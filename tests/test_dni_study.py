@@ -134,6 +134,51 @@ def test_target_lambda_outside_0_1_is_refused_naming_the_key(value):
         DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, target_lambda=value)
 
 
+def test_synthesizer_ema_predicts_with_the_polyak_average_and_sends_its_transpose_down(data):
+    """Under `synthesizer_ema` the synthesizer itself is regressed, but what is injected (and so
+    what the block above sends down as the target below) is predicted by the average of its
+    weights, updated by the factor after every synthesizer step."""
+    torch.manual_seed(4)
+    x, y = next(batches(data, 1))
+    model = FCN((24,), 10, depth=2, width=32)
+    # Blocks and head frozen, synthesizers learning: only the averages and the targets move.
+    method = DecoupledNeuralInterfaces(
+        model, frozen, trained_linear, synthesizer_optimizer=adam, synthesizer_ema=0.75
+    )
+    assert not method.batched  # the per-interface step serves it
+    lower, upper = method.interfaces
+    expected = [p.detach().clone() for p in upper.synthesizer.parameters()]  # the average starts as M_k
+    for _ in range(3):
+        method.step(x, y)
+        for avg, p in zip(expected, upper.synthesizer.parameters()):
+            avg.mul_(0.75).add_(0.25 * p.detach())
+    assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(upper.average.parameters(), expected))
+    assert not same(upper.average, upper.synthesizer)
+
+    before = copy.deepcopy(upper.average)  # what the next step predicts with
+    method.step(x, y)
+    h1 = forward_without_stat_updates(lower.block, x).detach().requires_grad_()
+    h2 = forward_without_stat_updates(upper.block, h1)
+    for predictor, matches in ((before, True), (upper.synthesizer, False)):
+        injected = upper.injected(forward_without_stat_updates(predictor, h2.detach()))
+        (sent,) = torch.autograd.grad(h2, h1, injected, retain_graph=True)
+        assert torch.allclose(lower.last_target, sent * len(x), atol=1e-6) == matches
+
+    state = method.state_dict()  # the averages are saved with the synthesizers
+    fresh = DecoupledNeuralInterfaces(
+        copy.deepcopy(model), frozen, trained_linear, synthesizer_optimizer=adam, synthesizer_ema=0.75
+    )
+    fresh.load_state_dict(state)
+    assert same(fresh.interfaces[1].average, upper.average)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_synthesizer_ema_outside_0_1_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"method.synthesizer_ema=.* must lie in \[0, 1\)"):
+        model = FCN((24,), 10, depth=2, width=8)
+        DecoupledNeuralInterfaces(model, adam, LinearSynthesizer, synthesizer_ema=value)
+
+
 def test_warmup_keeps_blocks_still_while_synthesizers_learn(data):
     model = FCN((24,), 10, depth=2, width=32)
     method = DecoupledNeuralInterfaces(model, adam, trained_linear, warmup_steps=3)

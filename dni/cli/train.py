@@ -368,7 +368,7 @@ CHANGEABLE_ON_RESUME = (
     "method.batched",  # the batched step is bit-identical to the per-interface one
 )
 # Settings added since a checkpoint may have been written, with the value that trains as it did.
-ADDED_SINCE = {"method.target_lambda": 0.0}
+ADDED_SINCE = {"method.target_lambda": 0.0, "method.synthesizer_ema": 0.0}
 
 
 def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:

@@ -56,6 +56,8 @@ class DecoupledNeuralInterfaces(Method):
         target_lambda: targets as lambda-returns (see `DNI`): 0 bootstraps from the synthesizer
             above (the paper), 1 gives the true gradient; between, the synthesizers' targets
             mix both, each hop further up weighted by another factor lambda.
+        synthesizer_ema: every synthetic gradient from a Polyak average of its synthesizer
+            (see `DNI`); 0 (the paper) predicts with the synthesizer itself.
         batched: take the batched step where it serves the settings (see `batched_step`),
             else the per-interface one; both give bit-identical losses and parameters.
 
@@ -63,11 +65,12 @@ class DecoupledNeuralInterfaces(Method):
     segment, `block_optimizer` / `block_lr_scale`, `regression_steps > 1`, `true_targets`,
     `scale`, `sg_loss_weight` and the oracle synthesizer. Left to the per-interface step
     (`DNI.forward`, one interface after the other): `forward_unlock`, `target_lambda > 0` (its
-    targets leave from a hook once `delta` arrives) and `guard.action="skip"` (skipping an
-    update must read the check at once). The batched step reads nothing on the host: its
-    guard checks are deferred, and a divergence is raised when `guard.check` reads them (the
-    training loop does at every logging step and before every checkpoint; a loop of your own
-    calls it as often as it likes), naming the block, the quantity and the step it went bad at.
+    targets leave from a hook once `delta` arrives), `synthesizer_ema > 0` and
+    `guard.action="skip"` (skipping an update must read the check at once). The batched step
+    reads nothing on the host: its guard checks are deferred, and a divergence is raised when
+    `guard.check` reads them (the training loop does at every logging step and before every
+    checkpoint; a loop of your own calls it as often as it likes), naming the block, the
+    quantity and the step it went bad at.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class DecoupledNeuralInterfaces(Method):
         regression_steps: int = 1,
         true_targets: bool = False,
         target_lambda: float = 0.0,
+        synthesizer_ema: float = 0.0,
         batched: bool = True,
     ):
         super().__init__(model, loss, guard)
@@ -131,6 +135,7 @@ class DecoupledNeuralInterfaces(Method):
                 warmup_steps=warmup_steps,
                 regression_steps=regression_steps,
                 target_lambda=target_lambda,
+                synthesizer_ema=synthesizer_ema,
             )
             oracle = m_k if isinstance(m_k, OracleSynthesizer) else OracleSynthesizer(shapes[end - 1])
             oracle.attach(self._downstream(_segment(model.blocks[end:])))
@@ -141,7 +146,7 @@ class DecoupledNeuralInterfaces(Method):
         self.head_optimizer = optimizer(self.head.parameters())
         # Blocks share their modules with `model`, so only the synthesizers are saved apart.
         self.parts["synthesizers"] = nn.ModuleList(
-            nn.ModuleList([i.synthesizer, *([i.input_synthesizer] if i.input_synthesizer else [])])
+            nn.ModuleList([i.synthesizer, *(m for m in (i.input_synthesizer, i.average) if m is not None)])
             for i in self.interfaces
         )
         # The per-interface step uses one optimiser per segment and synthesizer (`parts`); the
@@ -152,7 +157,8 @@ class DecoupledNeuralInterfaces(Method):
             self.part_optimizers += [
                 o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o
             ]
-        serves = not forward_unlock and target_lambda == 0 and self.guard.action == "stop"
+        per_interface = forward_unlock or target_lambda > 0 or synthesizer_ema > 0
+        serves = not per_interface and self.guard.action == "stop"
         self.batched = bool(batched) and serves
         self.merged_optimizers = _merge(self.part_optimizers)
         # The batched step's gradient inputs, listed once (a module's parameters() walks it).
@@ -324,7 +330,7 @@ class DecoupledNeuralInterfaces(Method):
     def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
         """The gradient the interface would inject at activation `h` (batch-mean scale)."""
         context = self.context(interface, labels)
-        return interface.injected(forward_without_stat_updates(interface.synthesizer, h.detach(), context))
+        return interface.injected(forward_without_stat_updates(interface.predictor, h.detach(), context))
 
     def parameter_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         labels = one_hot(y, self.num_classes, like=x)
