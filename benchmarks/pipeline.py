@@ -1,7 +1,7 @@
 """Throughput of decoupled DNI across K processes, against the same DNI and backprop in one process.
 
-    python benchmarks/pipeline.py                     # K=2, FCN 4 x 1024, batch 256, ~2 min on 2 cores
-    python benchmarks/pipeline.py --stages 1 2 4      # several K in one run (K=4 needs 4 cores)
+    python -m benchmarks.pipeline                     # K=2, FCN 4 x 1024, batch 256, ~2 min on 2 cores
+    python -m benchmarks.pipeline --stages 1 2 4      # several K in one run (K=4 needs 4 cores)
 
 Every configuration gets the same total number of cores, K: the pipeline runs K processes
 with one intra-op thread each; the single-process runs use K threads. The model is chosen so
@@ -36,7 +36,6 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 # -- one measurement, in its own process ----------------------------------------------------

@@ -1,7 +1,7 @@
 """What recurrent DNI costs: step time relative to plain truncated BPTT, measured in one process.
 
-    python benchmarks/recurrent_step_time.py                        # copy N=10 and Tiny Shakespeare, T=5
-    python benchmarks/recurrent_step_time.py --truncation 2 --threads 1
+    python -m benchmarks.recurrent_step_time                        # copy N=10 and Tiny Shakespeare, T=5
+    python -m benchmarks.recurrent_step_time --truncation 2 --threads 1
 
 The methods (bptt, rnn_dni, dni_aux) are built from the experiments' own configs
 (experiment=copy_lstm, shakespeare_lstm), from the same initial weights, and stepped on the
@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.timing import compose_config, print_ratio_table, time_steps
 
-from benchmarks.timing import compose_config, print_ratio_table, time_steps  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 METHODS = ("bptt", "rnn_dni", "dni_aux")
 EXPERIMENTS = {"copy": "copy_lstm", "text": "shakespeare_lstm"}

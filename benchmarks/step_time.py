@@ -1,7 +1,7 @@
 """What a learning rule costs: step time relative to backprop, measured in one process.
 
-    python benchmarks/step_time.py                 # FCN-3, batch 256, MNIST (or same-shape noise)
-    python benchmarks/step_time.py --depth 6 --threads 1
+    python -m benchmarks.step_time                 # FCN-3, batch 256, MNIST (or same-shape noise)
+    python -m benchmarks.step_time --depth 6 --threads 1
 
 Every method is built from the same configs the runner uses, from the same initial
 weights, and stepped on the same batches. Methods are timed in alternation, a few steps
@@ -13,7 +13,7 @@ backprop step, counted by `torch.utils.flop_counter` on a step of the model itse
 computes; per interface the synthesizer's forward and its weight gradient), so a method at
 its limit would show measured / limit = 1. The load average of the machine is printed
 before and after. Then it measures the data pipeline's share of a backprop step and the
-samples per second of the default run (`python experiments/train.py`, shortened).
+samples per second of the default run (`dni-train`, shortened).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,12 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.timing import compose_config, flop_limits, print_ratio_table, time_steps
+from dni.cli.train import run
+from dni.data import synthetic, vision
 
-from benchmarks.timing import compose_config, flop_limits, print_ratio_table, time_steps  # noqa: E402
-from dni.data import synthetic, vision  # noqa: E402
-from experiments.train import run  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 VARIANTS = {  # label -> config overrides
     "bprop": ["method=bprop"],
@@ -67,7 +66,7 @@ def build_methods(data, depth: int, labels: list[str], overrides: tuple[str, ...
     model = instantiate(cfg.model)(input_shape=data.input_shape, num_classes=data.num_classes)
     methods = {}
     for label in labels:
-        if not (REPO / "conf" / "method" / f"{VARIANTS[label][0].split('=')[1]}.yaml").exists():
+        if not (REPO / "dni" / "conf" / "method" / f"{VARIANTS[label][0].split('=')[1]}.yaml").exists():
             continue
         cfg = compose_config(f"model.depth={depth}", *VARIANTS[label], *overrides)
         factory = instantiate(cfg.method)

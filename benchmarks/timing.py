@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str):
-    """The runner's config with these overrides, as `experiments/train.py` would see it."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    """The runner's config with these overrides, as `dni-train` would see it."""
+    with initialize_config_dir(config_dir=str(REPO / "dni" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

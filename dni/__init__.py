@@ -1,9 +1,12 @@
 """dni: Decoupled Neural Interfaces with synthetic gradients, and the rules they are compared with."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from dni.data import ClassificationData, synthetic, vision
 from dni.errors import CheckpointError, ConfigError, DataNotFoundError, Divergence, DNIError
 from dni.guard import Guard
 from dni.interface import DNI
+from dni.lstm import LSTMNet
 from dni.methods import (
     Backprop,
     BackwardNetwork,
@@ -17,7 +20,6 @@ from dni.methods import (
     RecurrentDNI,
 )
 from dni.models import CNN, FCN, BlockNet, CharTransformer, ResNet
-from dni.recurrent import LSTMNet
 from dni.splitting import split
 from dni.synthesizers import (
     ConvSynthesizer,
@@ -27,6 +29,11 @@ from dni.synthesizers import (
     PositionwiseSynthesizer,
 )
 from dni.training import Trainer
+
+try:
+    __version__ = version("dni")
+except PackageNotFoundError:  # a source checkout on the path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DNI",
@@ -59,6 +66,7 @@ __all__ = [
     "RecurrentDNI",
     "ResNet",
     "Trainer",
+    "__version__",
     "split",
     "synthetic",
     "vision",

@@ -103,6 +103,10 @@ def _flat_output(kind: str, shape: tuple[int, ...]) -> int:
     return shape[0]
 
 
+# What the methods take: a synthesizer class or partial, called with the shapes it serves.
+SynthesizerFactory = Callable[..., Synthesizer]
+
+
 class MLPSynthesizer(Synthesizer):
     """Fully connected synthesizer: `hidden` layers (Linear, optional BatchNorm, ReLU) and a
     zero-initialised linear output. `hidden=[]` is the linear synthesizer."""

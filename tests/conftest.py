@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline data root, config composition, and running the CLI.
+"""Shared fixtures (MNIST, the seed, the kernel set); the helpers the tests import live in
+tests/helpers.py.
 
 Kernel sets: `DNI_KERNELS=native|avx2|portable` pins the math kernels (MKL, oneDNN and
 ATen's vectorised CPU code) for the whole session, including the runs the tests start in
@@ -14,13 +15,9 @@ once, when torch is imported, so the switch must act before that.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 KERNELS = {
     "native": {},
@@ -50,17 +47,11 @@ KERNEL_SET, KERNEL_PROBLEM = _pin_kernels()
 
 import torch  # noqa: E402  (after the kernel set is pinned)
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+from tests.helpers import THREADS, data_root  # noqa: E402
+
 # The tests' networks are small: one intra-op thread is as fast as several on an idle
 # machine and far faster on a busy one, where threads of parallel processes thrash.
-THREADS = "1"
 torch.set_num_threads(int(THREADS))
-
-
-def data_root() -> Path:
-    """$DNI_DATA_ROOT, else the shared offline copy beside the checkout."""
-    return Path(os.environ.get("DNI_DATA_ROOT") or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -85,41 +76,6 @@ def _seed_and_threads():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
-
-
-def compose_config(*overrides: str):
-    """The real composed config (as `experiments/train.py` sees it), with overrides."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python experiments/train.py <args>` in a subprocess, with the data root set."""
-    full_env = {
-        **os.environ,
-        "DNI_DATA_ROOT": str(data_root()),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": THREADS,
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "train.py"), *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in a run folder's TensorBoard events, read back with tensorboard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def pytest_configure(config):

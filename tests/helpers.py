@@ -1,4 +1,9 @@
-"""Bounds for the learning tests, checked and recorded.
+"""What the tests share: the repository's paths, the data root, the composed config, the
+command line in a subprocess, TensorBoard scalars read back, and the learning tests' bounds.
+
+Nothing here imports torch at import time: conftest.py pins the kernel set first.
+
+Bounds for the learning tests, checked and recorded.
 
 A learning test passes or fails on a number that depends on rounding: another CPU, another
 kernel set (`DNI_KERNELS`, see conftest.py) or another thread count takes another trajectory.
@@ -11,8 +16,62 @@ came to its bound, not only whether it passed.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 log = logging.getLogger("tests.margins")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "dni" / "conf"
+# One intra-op thread in the tests and in the runs they start (see conftest.py).
+THREADS = "1"
+
+
+def data_root() -> Path:
+    """$DNI_DATA_ROOT, else the shared offline copy beside the checkout."""
+    return Path(os.environ.get("DNI_DATA_ROOT") or REPO.parent / "shared" / "data")
+
+
+def compose_config(*overrides: str):
+    """The real composed config (as `dni-train` sees it), with overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m dni <args>` (the same as `dni-train <args>`) in a subprocess from the
+    repository's root, so that it runs this checkout's `dni`, with the data root set."""
+    full_env = {
+        **os.environ,
+        "DNI_DATA_ROOT": str(data_root()),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": THREADS,
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dni", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a run folder's TensorBoard events, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
 
 MARGINS: list[str] = []
 

@@ -1,9 +1,10 @@
 """One rank of a pipeline run for tests/test_pipeline.py, without Hydra (it starts faster).
 
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \\
-        python tests/pipeline_worker.py '{"out": "/tmp/run", "staleness": 0, "steps": 30}'
+        python -m tests.pipeline_worker '{"out": "/tmp/run", "staleness": 0, "steps": 30}'
 
-The same `build` gives the single-process reference in the test itself.
+Run from the repository's root with `-m`, so that it imports this checkout's `dni`. The same
+`build` gives the single-process reference in the test itself.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import logging
 import os
 import sys
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dni.data import synthetic  # noqa: E402
-from dni.methods import DecoupledNeuralInterfaces  # noqa: E402
-from dni.models import FCN  # noqa: E402
-from dni.synthesizers import LinearSynthesizer, MLPSynthesizer  # noqa: E402
-from dni.training import Trainer  # noqa: E402
+from dni.data import synthetic
+from dni.methods import DecoupledNeuralInterfaces
+from dni.models import FCN
+from dni.synthesizers import LinearSynthesizer, MLPSynthesizer
+from dni.training import Trainer
 
 DEFAULTS = {
     "steps": 30,

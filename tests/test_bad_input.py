@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from dni.cli.callbacks import why_unwritable
+from dni.cli.report import collect
+from dni.cli.train import run
 from dni.errors import DNIError
 from dni.tracking import read_metrics
-from experiments.callbacks import why_unwritable
-from experiments.report import collect
-from experiments.train import run
-from tests.conftest import REPO, THREADS, compose_config, run_cli
+from tests.helpers import REPO, THREADS, compose_config, run_cli
 
 # overrides -> what the sentence must say; every one once escaped as a traceback (or ran).
 BAD_VALUES = {

@@ -23,12 +23,11 @@ from dni import (
     OracleSynthesizer,
     synthetic,
 )
+from dni.cli.train import run
 from dni.errors import CheckpointError, Divergence
 from dni.guard import Guard
 from dni.tracking import read_metrics
-from experiments.train import run
-from tests.conftest import compose_config
-from tests.helpers import batches
+from tests.helpers import batches, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)

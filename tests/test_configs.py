@@ -6,15 +6,15 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from dni.cli.train import build, build_model, run
 from dni.data import ClassificationData, synthetic
 from dni.errors import ConfigError, DataNotFoundError
 from dni.methods import Method
 from dni.tasks import copy as copy_task
 from dni.tasks.windows import TokenWindows
-from experiments.train import build, build_model, run
-from tests.conftest import CONF, compose_config, data_root
+from tests.helpers import CONF, compose_config, data_root
 
-RECURRENT = ("dni.recurrent.", "dni.methods.recurrent.")  # sequence cores and their rules
+RECURRENT = ("dni.lstm.", "dni.methods.recurrent.")  # sequence cores and their rules
 
 
 def options(group: str) -> list[str]:
@@ -125,8 +125,8 @@ def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path, monkeypatc
     assert result["status"] == "completed" and result["steps"] == 3
 
 
-def test_paper_schedule_sets_the_papers_budget():
-    cfg = compose_config("experiment=mnist_fcn_cdni", "schedule=paper")
+def test_paper_budget_sets_the_papers_steps_and_schedule():
+    cfg = compose_config("experiment=mnist_fcn_cdni", "budget=paper")
     assert cfg.trainer.steps == 500_000 and cfg.optim.lr == 3e-5 and cfg.trainer.batch_size == 256
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
     scheduler = instantiate(cfg.scheduler)(optimizer)

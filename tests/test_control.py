@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from dni.cli.train import run
 from dni.methods import Backprop, Controlled, FeedbackAlignment
 from dni.methods import control as control_module
 from dni.models import FCN
-from experiments.train import run
-from tests.conftest import compose_config, read_scalars
+from tests.helpers import compose_config, read_scalars
 
 TINY = [
     "dataset=synthetic",

@@ -13,7 +13,7 @@ import pytest
 from dni import integrity
 from dni.data import vision
 from dni.errors import DataError, DataNotFoundError
-from tests.conftest import data_root, run_cli
+from tests.helpers import data_root, run_cli
 
 RAW = data_root() / "MNIST" / "raw"
 FILES = (

@@ -134,8 +134,8 @@ def test_dgl_learns_mnist(mnist):
 
 
 def test_dgl_runs_through_the_runner(tmp_path):
-    from experiments.train import run
-    from tests.conftest import compose_config
+    from dni.cli.train import run
+    from tests.helpers import compose_config
 
     cfg = compose_config(
         "method=dgl",
@@ -168,8 +168,8 @@ def test_dgl_and_backprop_agree_when_there_is_nothing_to_decouple():
 def test_a_resumed_dgl_run_continues_exactly(tmp_path):
     """Auxiliary classifiers and their optimiser state are saved with the blocks: 5 steps, then
     5 more from the checkpoint, end where 10 uninterrupted steps end."""
-    from experiments.train import run
-    from tests.conftest import compose_config
+    from dni.cli.train import run
+    from tests.helpers import compose_config
 
     settings = [
         "method=dgl",

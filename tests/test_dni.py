@@ -22,10 +22,9 @@ from dni import (
     OracleSynthesizer,
     synthetic,
 )
+from dni.cli.train import run
 from dni.errors import ConfigError
-from experiments.train import run
-from tests.conftest import compose_config, read_scalars
-from tests.helpers import assert_above, assert_below, batches
+from tests.helpers import assert_above, assert_below, batches, compose_config, read_scalars
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
+from dni.cli.train import run
 from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
 from dni.guard import Guard
-from experiments.train import run
-from tests.conftest import CONF, compose_config
-from tests.helpers import assert_below, batches
+from tests.helpers import CONF, assert_below, batches, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 frozen = functools.partial(torch.optim.SGD, lr=0.0)
@@ -320,7 +319,7 @@ def test_shipped_dni_beats_no_bprop_at_depth_4(mnist, tmp_path, monkeypatch):
     assert_below("DNI / No-Bprop test error, MNIST FCN-4, 800 steps", errors["dni"] / errors["no_bprop"], 0.7)
 
 
-def test_long_schedule_is_the_papers_scaled_down_tenfold():
-    cfg = compose_config("method=dni", "schedule=long")
+def test_long_budget_is_the_papers_scaled_down_tenfold():
+    cfg = compose_config("method=dni", "budget=long")
     assert cfg.trainer.steps == 50_000 and cfg.optim.lr == 1e-3 and cfg.trainer.batch_size == 256
     assert list(cfg.scheduler.milestones) == [30_000, 40_000] and cfg.trainer.checkpoint_every == 2500

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dni.cli.train import run
 from dni.methods import Backprop, BackwardNetwork, DirectFeedbackAlignment, FeedbackAlignment
 from dni.models import FCN
-from experiments.train import run
-from tests.conftest import compose_config, read_scalars
-from tests.helpers import assert_above, assert_below
+from tests.helpers import assert_above, assert_below, compose_config, read_scalars
 
 FEEDBACK = {"backward_net": BackwardNetwork, "fa": FeedbackAlignment, "dfa": DirectFeedbackAlignment}
 # (batch_norm, activation): the plain linear network, ReLU, and the paper's Linear-BN-ReLU.

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 FAST = ["debug=fast", "device=cpu", "trainer.progress=false", "trainer.diagnostics_every=0"]
 

@@ -11,10 +11,9 @@ import sys
 
 import pytest
 
+from dni.cli.train import run
 from dni.errors import ConfigError
-from experiments.train import run
-from tests.conftest import REPO, compose_config, data_root
-from tests.helpers import assert_below
+from tests.helpers import REPO, assert_below, compose_config, data_root
 
 TINY = [
     "dataset=synthetic",
@@ -80,10 +79,10 @@ def test_transformer_learns_tiny_shakespeare(variant, bound, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_two_pipeline_stages_run_the_resnet(tmp_path):
-    """torchrun, 2 stages of experiment=resnet_mnist's ResNet with cDNI on tiny synthetic data:
+    """`torchrun -m dni`, 2 stages of experiment=resnet_mnist's ResNet with cDNI on tiny synthetic data:
     feature maps cross the stage boundary and the run completes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(REPO / "experiments" / "train.py"), "experiment=resnet_mnist", "method=cdni"]
+    command += ["-m", "dni", "experiment=resnet_mnist", "method=cdni"]  # as the README launches it
     command += ["parallel=pipeline", "dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64"]
     command += ["trainer.steps=6", "trainer.batch_size=16", "trainer.eval_every=6", "device=cpu"]
     command += [f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"]

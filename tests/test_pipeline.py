@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dni import checkpoint
+from dni.cli.train import run
 from dni.distributed import Pipeline, balanced_boundaries
 from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
@@ -25,11 +26,8 @@ from dni.interface import DNI
 from dni.methods import Backprop, DecoupledNeuralInterfaces
 from dni.models import FCN, CharTransformer
 from dni.synthesizers import LinearSynthesizer, MLPSynthesizer, auto
-from experiments.train import run
 from tests import pipeline_worker
-from tests.conftest import REPO, compose_config, data_root, read_scalars
-
-WORKER = REPO / "tests" / "pipeline_worker.py"
+from tests.helpers import REPO, compose_config, data_root, read_scalars
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +64,8 @@ def spawn(world: int, settings: dict, logs: Path) -> list[subprocess.Popen]:
         with open(logs / f"{rank}.log", "w") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(WORKER), json.dumps(settings)],
+                    [sys.executable, "-m", "tests.pipeline_worker", json.dumps(settings)],
+                    cwd=REPO,
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=log,

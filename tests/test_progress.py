@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import REPO, compose_config, run_cli
+from tests.helpers import REPO, compose_config, run_cli
 
 FAST = ["debug=fast", "device=cpu", "trainer.diagnostics_every=0"]
 

@@ -9,15 +9,14 @@ from functools import partial
 import pytest
 import torch
 
+from dni.cli.train import run
 from dni.errors import ConfigError
+from dni.lstm import LSTMNet
 from dni.methods.recurrent import RecurrentDNI
-from dni.recurrent import LSTMNet
 from dni.synthesizers import LinearSynthesizer, OracleSynthesizer
 from dni.tasks import copy as copy_task
 from dni.tasks import text
-from experiments.train import run
-from tests.conftest import compose_config, data_root, read_scalars
-from tests.helpers import assert_below
+from tests.helpers import assert_below, compose_config, data_root, read_scalars
 
 SGD = partial(torch.optim.SGD, lr=0.1)
 ADAM = partial(torch.optim.Adam, lr=1e-3)
@@ -121,6 +120,18 @@ def test_carried_state_is_detached_and_resumes():
     )
     again.load_state_dict(method.state_dict())
     assert torch.equal(again.carried[0], h) and torch.equal(again.carried[1], c)
+
+
+@pytest.mark.parametrize("choice", ["bptt", "rnn_dni", "dni_aux"])
+def test_each_recurrent_rule_logs_itself_under_the_name_that_chose_it(choice):
+    """Runs and reports are labelled by `method.name`: recurrent DNI must not say `dni`, or a
+    report mixes it with feed-forward DNI."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config("experiment=copy_lstm", f"method={choice}")
+    model = LSTMNet((5,), 5, hidden_size=4)
+    method = instantiate(cfg.method)(model=model, optimizer=ADAM)
+    assert method.name == choice
 
 
 def test_mistakes_are_one_clear_sentence():

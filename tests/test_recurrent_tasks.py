@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from dni.errors import DataNotFoundError
-from dni.recurrent import LSTMNet, step_losses
+from dni.lstm import LSTMNet, step_losses
 from dni.tasks import copy, repeat_copy, text
-from tests.conftest import data_root
+from tests.helpers import data_root
 
 
 class Recaller(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from experiments.report import ReportSpec, collect, main, markdown_table
-from tests.conftest import run_cli
+from dni.cli.report import ReportSpec, collect, main, markdown_table
+from tests.helpers import run_cli
 
 TINY = [
     "dataset=synthetic",

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dni.cli.report import ReportSpec, collect, markdown_table
+from dni.cli.train import run
 from dni.errors import DNIError
 from dni.tracking import read_metrics
-from experiments.report import ReportSpec, collect, markdown_table
-from experiments.train import run
-from tests.conftest import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
+from tests.helpers import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
 
 # A run long enough to be killed in the middle: ~300 steps of the default FCN on synthetic data.
 RESUMABLE = [

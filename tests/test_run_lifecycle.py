@@ -17,10 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from dni import checkpoint
+from dni.cli.train import run
 from dni.errors import CheckpointError, Divergence, RunFolderError
 from dni.tracking import read_metrics
-from experiments.train import run
-from tests.conftest import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
+from tests.helpers import REPO, THREADS, compose_config, data_root, read_scalars, run_cli
 
 # A CLI run on synthetic data that logs every few steps and checkpoints only at its end.
 LONG = [

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
+from dni.cli.report import collect
+from dni.cli.train import run
 from dni.tracking import read_metrics
-from experiments.report import collect
-from experiments.train import run
-from tests.conftest import compose_config, read_scalars, run_cli
-from tests.helpers import assert_below
+from tests.helpers import assert_below, compose_config, read_scalars, run_cli
 
 FAST = ["trainer.progress=false", "device=cpu"]
 

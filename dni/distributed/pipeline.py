@@ -122,7 +122,7 @@ class Pipeline:
         if stages != world:
             raise ConfigError(
                 f"parallel.stages={stages} needs one process per stage but {world} were launched; run "
-                f"torchrun --nproc_per_node={stages} experiments/train.py ..., or set parallel.stages=null"
+                f"torchrun --nproc_per_node={stages} -m dni ..., or set parallel.stages=null"
             )
         device = next(method.model.parameters()).device
         backend = self._backend(device)

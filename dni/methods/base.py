@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -14,8 +12,6 @@ from dni.guard import Guard
 from dni.losses import get_loss
 from dni.models import BlockNet
 
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
 
 class Method:
     """A learning rule: one `step(x, y)` that trains `model` on a batch.
@@ -24,7 +20,7 @@ class Method:
     of their own (synthesizers, feedback weights) in `self.parts`, and implement `step`.
     `parameter_gradients` is the update direction the rule would take at the current
     parameters; the default is autograd's, which is right for backprop. `recurrent` says
-    whether the rule trains a recurrent core (`dni.recurrent`) or a feed-forward `BlockNet`.
+    whether the rule trains a recurrent core (`dni.lstm`) or a feed-forward `BlockNet`.
     """
 
     name = "method"

@@ -17,9 +17,7 @@ from dni.interface import DNI, OptimizerFactory
 from dni.losses import one_hot
 from dni.methods.base import Method
 from dni.models import BlockNet
-from dni.synthesizers import OracleSynthesizer, Synthesizer
-
-SynthesizerFactory = Callable[..., Synthesizer]
+from dni.synthesizers import OracleSynthesizer, Synthesizer, SynthesizerFactory
 
 
 class DecoupledNeuralInterfaces(Method):

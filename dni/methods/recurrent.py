@@ -37,7 +37,7 @@ to give `s_a` a graph of one step, and `a(s_a)` is regressed towards this trunca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,11 @@ from dni.fidelity import compare
 from dni.functional import forward_without_stat_updates
 from dni.guard import Guard
 from dni.interface import OptimizerFactory
+from dni.lstm import LN2, LSTMNet, State, flat, loss_steps, split, step_losses
 from dni.methods.base import Method
-from dni.recurrent import LN2, LSTMNet, State, flat, loss_steps, split, step_losses
-from dni.synthesizers import OracleSynthesizer, Synthesizer
+from dni.synthesizers import OracleSynthesizer, Synthesizer, SynthesizerFactory
 
 log = logging.getLogger(__name__)
-
-SynthesizerFactory = Callable[..., Synthesizer]
 
 
 class RecurrentDNI(Method):
@@ -106,11 +104,11 @@ class RecurrentDNI(Method):
             raise ConfigError("method.aux=true needs a synthesizer; use method=dni_aux, not method=bptt")
         if clip_norm is not None and not clip_norm > 0:
             raise ConfigError(f"method.clip_norm={clip_norm!r} is not allowed; give a value > 0 or null")
-        super().__init__(model, "cross_entropy", guard)  # the loss follows the targets: see dni.recurrent
+        super().__init__(model, "cross_entropy", guard)  # the loss follows the targets: see dni.lstm
         self.truncation, self.scale, self.sg_loss_weight = truncation, float(scale), float(sg_loss_weight)
         self.aux, self.aux_weight, self.carry_state = bool(aux), float(aux_weight), bool(carry_state)
         self.clip_norm = clip_norm
-        self.name = "bptt" if synthesizer is None else ("dni_aux" if aux else "dni")
+        self.name = "bptt" if synthesizer is None else ("dni_aux" if aux else "rnn_dni")
         self.optimizers = [optimizer(model.parameters())]
         self.synthesizer: Synthesizer | None = None
         self.synthesizer_optimizer = None

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dni.errors import ConfigError
-from dni.recurrent import LN2, loss_steps, prediction_errors, step_losses
+from dni.lstm import LN2, loss_steps, prediction_errors, step_losses
 
 
 class CopyTask:
