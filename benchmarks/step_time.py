@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                 # FCN-3, batch 256, MNIST (or same-shape noise)
     python benchmarks/step_time.py --depth 6 --threads 1
+    python benchmarks/step_time.py --threads 1 --methods bprop "dni (linear)" --compile
 
 Every method is built from the same configs the runner uses, from the same initial
 weights, and stepped on the same batches. Methods are timed in alternation, a few steps
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -107,6 +109,12 @@ def main() -> None:
     parser.add_argument(
         "--override", nargs="*", default=[], help="config overrides for every method, e.g. optim.fused=true"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every method compiled (trainer.compile=true: its blocks and synthesizers) and "
+        "print compiled / eager per method",
+    )
     parser.add_argument("--default-run-steps", type=int, default=1000, help="0 to skip that measurement")
     args = parser.parse_args()
     if args.threads:
@@ -117,6 +125,11 @@ def main() -> None:
     batches = [next(stream) for _ in range(50)]
     methods = build_methods(data, args.depth, args.methods, tuple(args.override))
     limits = flop_limits(methods, batches[0], "bprop")
+    if args.compile:  # twins from the same weights, compiled as `Trainer(compile=True)` does
+        for label in list(methods):
+            twin = build_methods(data, args.depth, [label], tuple(args.override))[label]
+            twin.compile()
+            methods[f"{label}, compiled"], limits[f"{label}, compiled"] = twin, limits[label]
     load_before = os.getloadavg()
     times = time_steps(methods, batches, args.rounds, args.per_round)
     load_after = os.getloadavg()
@@ -131,6 +144,12 @@ def main() -> None:
         f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs\n"
     )
     print_ratio_table(times, "bprop", limits=limits)
+    if args.compile:
+        print("\n| method | compiled / eager (median step time) |\n| --- | --- |")
+        for label in args.methods:
+            if f"{label}, compiled" in times:
+                ratio = statistics.median(times[f"{label}, compiled"]) / statistics.median(times[label])
+                print(f"| {label} | {ratio:.2f} |")
 
     share = data_share(data, args.batch_size)
     print(f"\nData pipeline: {100 * share:.2f}% of a backprop step (FCN-3, batch {args.batch_size})")

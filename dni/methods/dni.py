@@ -165,6 +165,14 @@ class DecoupledNeuralInterfaces(Method):
     def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """The blocks (see `Method`), every synthesizer and every input synthesizer; not the
+        oracle, whose forward is a backward pass through the blocks above."""
+        synthesizers = [
+            m for i in self.interfaces for m in (i.synthesizer, i.input_synthesizer) if m is not None
+        ]
+        return [*super().compiled_modules(), *(m for m in synthesizers if m.compilable)]
+
     def context(self, interface: DNI, labels: Tensor) -> Tensor | None:
         """What `interface`'s synthesizer is conditioned on: the one-hot labels, or None."""
         return labels if self.conditioned or interface.synthesizer.needs_labels else None
