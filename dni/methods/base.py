@@ -86,7 +86,13 @@ class Method:
                 "trainer.compile=true needs a C++ compiler (g++) on this machine, which torch.compile "
                 "builds its CPU kernels with; install one or set trainer.compile=false"
             )
-        for module in self.compiled_modules():
+        modules = self.compiled_modules()
+        # Modules compiled in place share one code object in torch's cache, whose entries (one
+        # per module kind, shape, train or eval mode, grad mode) count against a single limit;
+        # past it torch would run the rest eagerly.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 8 * len(modules))
+        for module in modules:
             module.compile()
 
     # -- measurements -------------------------------------------------------------------
