@@ -47,6 +47,21 @@ VARIANTS = {  # label -> config overrides
     "dni (mlp)": ["method=dni", "synthesizer=mlp"],
     "cdni (mlp)": ["method=cdni", "synthesizer=mlp"],
     "cdni_unlocked (linear)": ["method=cdni_unlocked", "synthesizer=linear"],
+    "cdni_unlocked (linear, input hidden 1024)": [
+        "method=cdni_unlocked",
+        "synthesizer=linear",
+        "method.input_synthesizer.hidden=[1024]",
+    ],
+    "cdni_unlocked (linear, input hidden 256)": [
+        "method=cdni_unlocked",
+        "synthesizer=linear",
+        "method.input_synthesizer.hidden=[256]",
+    ],
+    "cdni_unlocked (linear, linear input)": [
+        "method=cdni_unlocked",
+        "synthesizer=linear",
+        "method.input_synthesizer.hidden=[]",
+    ],
     "backward_net": ["method=backward_net"],
     "fa": ["method=fa"],
     "dfa": ["method=dfa"],

@@ -61,6 +61,20 @@ VARIANTS = {
     "optimizer from outside torch": dict(
         synthesizer=trained_linear, optimizer=functools.partial(OwnAdam, lr=1e-3)
     ),
+    "forward unlock": dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    ),
+    "forward unlock, p_update 0.5, regression steps 2": dict(
+        synthesizer=trained_linear,
+        conditioned=True,
+        forward_unlock=True,
+        input_synthesizer=trained_mlp,
+        p_update=0.5,
+        regression_steps=2,
+    ),
+    "forward unlock, segments of several blocks": dict(
+        synthesizer=trained_linear, forward_unlock=True, input_synthesizer=trained_mlp, interfaces=[1, 3]
+    ),
     "adam fused": dict(
         synthesizer=trained_linear, block_lr_scale=0.1, optimizer=functools.partial(adam, fused=True)
     ),
@@ -151,11 +165,10 @@ def test_batched_step_is_bit_identical_on_a_cnn_with_conv_synthesizers(dtype):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(forward_unlock=True, input_synthesizer=trained_mlp),
         dict(target_lambda=0.5),
         dict(guard=Guard("skip")),
     ],
-    ids=["forward_unlock", "target_lambda", "guard skip"],
+    ids=["target_lambda", "guard skip"],
 )
 def test_variants_the_batched_step_does_not_serve_take_the_per_interface_one(options):
     model = FCN((24,), 10, depth=3, width=32)
