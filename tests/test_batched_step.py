@@ -209,6 +209,28 @@ def test_a_non_finite_loss_in_the_batched_step_is_named(data):
         batched.guard.check(step=1)
 
 
+def test_a_divergence_in_the_batched_forward_unlock_is_named_as_the_per_interface_step_names_it(data):
+    """An input synthesizer predicting infinities: the per-interface step stops at once, the
+    batched one at the next read, both naming the same block, quantity and step."""
+    unlock = dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    )
+    batched, reference = twins(torch.float32, **unlock)
+    stream = list(batches(data, 3))
+    for method in (batched, reference):
+        method.step(*stream[0])
+        with torch.no_grad():  # block3's input synthesizer predicts infinities from step 2
+            method.interfaces[2].input_synthesizer.net[-1].bias.fill_(float("inf"))
+    with pytest.raises(Divergence) as stopped:
+        reference.step(*stream[1])
+    for x, y in stream[1:]:
+        batched.step(x, y)
+    with pytest.raises(Divergence) as caught:
+        batched.guard.check(step=3)
+    assert caught.value.step == 2 and caught.value.where == stopped.value.where == "block3"
+    assert caught.value.quantity == stopped.value.quantity, (str(caught.value), str(stopped.value))
+
+
 def test_the_sg_norm_bound_is_checked_deferred(data):
     batched, _ = twins(torch.float32, synthesizer=trained_linear, scale=1e6)
     batched.guard.max_sg_norm = 1.0
