@@ -239,11 +239,22 @@ def test_the_sg_norm_bound_is_checked_deferred(data):
         batched.guard.check(step=1)
 
 
+RESUMED = {
+    "cdni, sgd blocks": dict(
+        synthesizer=trained_linear, conditioned=True, block_optimizer=sgd, block_lr_scale=0.5
+    ),
+    "forward unlock": dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(RESUMED))
 @pytest.mark.parametrize("direction", ["per-interface to batched", "batched to per-interface"])
-def test_resume_across_the_two_optimiser_layouts_is_exact(direction, data):
+def test_resume_across_the_two_optimiser_layouts_is_exact(direction, variant, data):
     """A checkpoint of one step (a run saved before the batched step existed has the
     per-interface layout) resumes in the other exactly as in its own."""
-    options = dict(synthesizer=trained_linear, conditioned=True, block_optimizer=sgd, block_lr_scale=0.5)
+    options = RESUMED[variant]
     batched, reference = twins(torch.float32, **options)
     saver, other = (reference, batched) if direction == "per-interface to batched" else (batched, reference)
     run_steps(saver, data, torch.float32, steps=5)
