@@ -42,6 +42,7 @@ class Synthesizer(nn.Module):
 
     needs_labels = False
     kind = "synthesizer"
+    compilable = True  # `torch.compile` may compile its forward (see `Method.compile`)
 
     def __init__(self, shape: Sequence[int], out_shape: Sequence[int] | None = None, context_dim: int = 0):
         super().__init__()
@@ -58,33 +59,39 @@ class Synthesizer(nn.Module):
 
     def check(self, h: Tensor, context: Tensor | None) -> None:
         """One sentence when `h` or `context` is not what this synthesizer was built for."""
-        who = f"the synthesizer of {self.where}" if self.where else f"a {self.kind} synthesizer"
         got = tuple(h.shape[1:])
         if got != self.shape:
             raise ConfigError(
-                f"{who} was built for activations of shape {self.shape} but got {got}; build it with "
+                f"{self._who()} was built for activations of shape {self.shape} but got {got}; build it with "
                 f"shape={got}, the output shape of its block (without the batch)"
             )
         if context is None:
             if self.context_dim:
                 raise ConfigError(
-                    f"{who} was built for a context of {self.context_dim} features (cDNI's one-hot "
+                    f"{self._who()} was built for a context of {self.context_dim} features (cDNI's one-hot "
                     "labels) but was called without one; pass the labels as context, or build it with "
                     "context_dim=0 for DNI"
                 )
             return
         if not self.context_dim:
             raise ConfigError(
-                f"{who} was built without a context but was given one of shape {tuple(context.shape[1:])}; "
-                f"build it with context_dim={context.shape[1]} for cDNI, or pass no context"
+                f"{self._who()} was built without a context but was given one of shape "
+                f"{tuple(context.shape[1:])}; build it with context_dim={context.shape[1]} for cDNI, "
+                "or pass no context"
             )
         wanted = ((self.context_dim,), (self.context_dim, *self.positions()))
         if tuple(context.shape[1:]) not in wanted or context.shape[0] != h.shape[0]:
             shown = " or ".join(str(w) for w in dict.fromkeys(wanted))
             raise ConfigError(
-                f"{who} takes a context of shape {shown} per example but got {tuple(context.shape[1:])} "
-                f"for a batch of {context.shape[0]}; give one-hot labels with classes in dim 1"
+                f"{self._who()} takes a context of shape {shown} per example but got "
+                f"{tuple(context.shape[1:])} for a batch of {context.shape[0]}; give one-hot labels with "
+                "classes in dim 1"
             )
+
+    def _who(self) -> str:
+        # Formed only for a message: read on every call, `where` would make a compiled forward
+        # recompile for each interface's name.
+        return f"the synthesizer of {self.where}" if self.where else f"a {self.kind} synthesizer"
 
 
 def _zero_(layer: nn.Module) -> nn.Module:
@@ -301,7 +308,7 @@ class OracleSynthesizer(Synthesizer):
     """
 
     needs_labels = True
-
+    compilable = False  # its forward is a backward pass through the blocks above
     kind = "oracle"
 
     def __init__(self, shape: Sequence[int], context_dim: int = 0, out_shape: Sequence[int] | None = None):

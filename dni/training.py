@@ -75,6 +75,7 @@ class Trainer:
     seed: int = 0
     progress: bool = True
     progress_every: int | None = None
+    compile: bool = False  # torch.compile the method's blocks and synthesizers (`Method.compile`)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
@@ -173,6 +174,8 @@ class Trainer:
             method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
             run.save(step, {"method": method.state_dict()})
 
+        if self.compile:
+            method.compile()
         method.train()
         bar = _Progress(total, run.start, self.progress, self.progress_every)
         step, window_start, window_samples = run.start, time.perf_counter(), 0

@@ -60,6 +60,20 @@ VARIANTS = {
     "optimizer from outside torch": dict(
         synthesizer=trained_linear, optimizer=functools.partial(OwnAdam, lr=1e-3)
     ),
+    "forward unlock": dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    ),
+    "forward unlock, p_update 0.5, regression steps 2": dict(
+        synthesizer=trained_linear,
+        conditioned=True,
+        forward_unlock=True,
+        input_synthesizer=trained_mlp,
+        p_update=0.5,
+        regression_steps=2,
+    ),
+    "forward unlock, segments of several blocks": dict(
+        synthesizer=trained_linear, forward_unlock=True, input_synthesizer=trained_mlp, interfaces=[1, 3]
+    ),
     "adam fused": dict(
         synthesizer=trained_linear, block_lr_scale=0.1, optimizer=functools.partial(adam, fused=True)
     ),
@@ -150,11 +164,10 @@ def test_batched_step_is_bit_identical_on_a_cnn_with_conv_synthesizers(dtype):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(forward_unlock=True, input_synthesizer=trained_mlp),
         dict(target_lambda=0.5),
         dict(guard=Guard("skip")),
     ],
-    ids=["forward_unlock", "target_lambda", "guard skip"],
+    ids=["target_lambda", "guard skip"],
 )
 def test_variants_the_batched_step_does_not_serve_take_the_per_interface_one(options):
     model = FCN((24,), 10, depth=3, width=32)
@@ -195,6 +208,28 @@ def test_a_non_finite_loss_in_the_batched_step_is_named(data):
         batched.guard.check(step=1)
 
 
+def test_a_divergence_in_the_batched_forward_unlock_is_named_as_the_per_interface_step_names_it(data):
+    """An input synthesizer predicting infinities: the per-interface step stops at once, the
+    batched one at the next read, both naming the same block, quantity and step."""
+    unlock = dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    )
+    batched, reference = twins(torch.float32, **unlock)
+    stream = list(batches(data, 3))
+    for method in (batched, reference):
+        method.step(*stream[0])
+        with torch.no_grad():  # block3's input synthesizer predicts infinities from step 2
+            method.interfaces[2].input_synthesizer.net[-1].bias.fill_(float("inf"))
+    with pytest.raises(Divergence) as stopped:
+        reference.step(*stream[1])
+    for x, y in stream[1:]:
+        batched.step(x, y)
+    with pytest.raises(Divergence) as caught:
+        batched.guard.check(step=3)
+    assert caught.value.step == 2 and caught.value.where == stopped.value.where == "block3"
+    assert caught.value.quantity == stopped.value.quantity, (str(caught.value), str(stopped.value))
+
+
 def test_the_sg_norm_bound_is_checked_deferred(data):
     batched, _ = twins(torch.float32, synthesizer=trained_linear, scale=1e6)
     batched.guard.max_sg_norm = 1.0
@@ -203,11 +238,22 @@ def test_the_sg_norm_bound_is_checked_deferred(data):
         batched.guard.check(step=1)
 
 
+RESUMED = {
+    "cdni, sgd blocks": dict(
+        synthesizer=trained_linear, conditioned=True, block_optimizer=sgd, block_lr_scale=0.5
+    ),
+    "forward unlock": dict(
+        synthesizer=trained_linear, conditioned=True, forward_unlock=True, input_synthesizer=trained_mlp
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(RESUMED))
 @pytest.mark.parametrize("direction", ["per-interface to batched", "batched to per-interface"])
-def test_resume_across_the_two_optimiser_layouts_is_exact(direction, data):
+def test_resume_across_the_two_optimiser_layouts_is_exact(direction, variant, data):
     """A checkpoint of one step (a run saved before the batched step existed has the
     per-interface layout) resumes in the other exactly as in its own."""
-    options = dict(synthesizer=trained_linear, conditioned=True, block_optimizer=sgd, block_lr_scale=0.5)
+    options = RESUMED[variant]
     batched, reference = twins(torch.float32, **options)
     saver, other = (reference, batched) if direction == "per-interface to batched" else (batched, reference)
     run_steps(saver, data, torch.float32, steps=5)

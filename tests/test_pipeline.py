@@ -137,6 +137,14 @@ def test_settings_that_cannot_work_stop_with_one_sentence(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="method.true_targets=true needs the whole network"):
         Pipeline().fit(method, data, trainer, tmp_path)
     method.true_targets = False
+    method.target_lambda = 0.5  # its targets wait for a backward pass through every stage above
+    with pytest.raises(ConfigError, match="method.target_lambda=0.5 sends targets down"):
+        Pipeline().fit(method, data, trainer, tmp_path)
+    method.target_lambda = 0.0
+    trainer.compile = True
+    with pytest.raises(ConfigError, match="trainer.compile=true is not supported with parallel=pipeline"):
+        Pipeline().fit(method, data, trainer, tmp_path)
+    trainer.compile = False
     with pytest.raises(ConfigError, match="parallel.staleness"):
         Pipeline(staleness=-1)
     # Ranks started with different overrides would train on mismatched labels: refused.

@@ -117,6 +117,10 @@ class Pipeline:
         as one process does, from `resume` (a run folder, or its `checkpoints/step_*.pt`) or
         else from the newest checkpoint in `out_dir` that every rank holds intact."""
         _check_method(method)
+        if trainer.compile:
+            raise ConfigError(
+                "trainer.compile=true is not supported with parallel=pipeline yet; set it to false"
+            )
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         stages = self.stages or world
         if stages != world:

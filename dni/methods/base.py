@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +59,38 @@ class Method:
     def eval_models(self) -> dict[str, nn.Module]:
         """Models the loop evaluates on the test split, by log prefix."""
         return {"test": self.model}
+
+    # -- compilation --------------------------------------------------------------------
+    def compiled_modules(self) -> list[nn.Module]:
+        """The modules `compile` compiles: every block of the model, the unit all feed-forward
+        rules share (so compiled comparisons stay fair), plus what a rule adds of its own
+        (synthesizers, auxiliary heads). A rule's step and optimiser stay eager."""
+        if self.recurrent:
+            raise ConfigError(
+                f"trainer.compile=true compiles the blocks of feed-forward networks; method={self.name} "
+                "trains a recurrent core, so set trainer.compile=false"
+            )
+        return list(self.model.blocks)
+
+    def compile(self) -> None:
+        """`torch.compile` every module of `compiled_modules` in place: parameters, buffers and
+        state dicts stay as they are (checkpoints need no change), and the first calls of each
+        module in training and in eval mode take the compilation. Results agree with eager
+        ones to float tolerance, not bit for bit (the compiler fuses and reorders arithmetic)."""
+        device = next(self.model.parameters()).device
+        if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise ConfigError(
+                "trainer.compile=true needs a C++ compiler (g++) on this machine, which torch.compile "
+                "builds its CPU kernels with; install one or set trainer.compile=false"
+            )
+        modules = self.compiled_modules()
+        # Modules compiled in place share one code object in torch's cache, whose entries (one
+        # per module kind, shape, train or eval mode, grad mode) count against a single limit;
+        # past it torch would run the rest eagerly.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 8 * len(modules))
+        for module in modules:
+            module.compile()
 
     # -- measurements -------------------------------------------------------------------
     def true_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

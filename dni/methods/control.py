@@ -51,6 +51,11 @@ class Controlled(Method):
     def eval_models(self) -> dict[str, nn.Module]:
         return {**self.method.eval_models(), "control/test": self.control.model}
 
+    def compile(self) -> None:
+        """Compile the method's modules and the twin's alike (see `Method.compile`)."""
+        self.method.compile()
+        self.control.compile()
+
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         out = self.method.step(x, y)
         for key, value in self.control.step(x, y).items():

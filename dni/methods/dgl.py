@@ -118,6 +118,10 @@ class DecoupledGreedy(Method):
         self.parts["auxiliary"] = self.auxiliary
         self.optimizers = [optimizer([*model.parameters(), *self.auxiliary.parameters()])]
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """The blocks (see `Method`) and the auxiliary classifiers."""
+        return [*super().compiled_modules(), *self.auxiliary]
+
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         (optimizer,) = self.optimizers
         optimizer.zero_grad(set_to_none=True)

@@ -63,14 +63,16 @@ class DecoupledNeuralInterfaces(Method):
 
     The batched step serves dni and cdni, `p_update < 1`, `warmup_steps`, several blocks per
     segment, `block_optimizer` / `block_lr_scale`, `regression_steps > 1`, `true_targets`,
-    `scale`, `sg_loss_weight` and the oracle synthesizer. Left to the per-interface step
-    (`DNI.forward`, one interface after the other): `forward_unlock`, `target_lambda > 0` (its
-    targets leave from a hook once `delta` arrives), `synthesizer_ema > 0` and
-    `guard.action="skip"` (skipping an update must read the check at once). The batched step
-    reads nothing on the host: its guard checks are deferred, and a divergence is raised when
-    `guard.check` reads them (the training loop does at every logging step and before every
-    checkpoint; a loop of your own calls it as often as it likes), naming the block, the
-    quantity and the step it went bad at.
+    `scale`, `sg_loss_weight`, the oracle synthesizer and `forward_unlock` (each unlocked
+    block's update from its predicted input is still its own backward and optimiser step,
+    taken before its real pass; the input synthesizers' regressions join the synthesizers').
+    Left to the per-interface step (`DNI.forward`, one interface after the other):
+    `target_lambda > 0` (its targets leave from a hook once `delta` arrives),
+    `synthesizer_ema > 0` and `guard.action="skip"` (skipping an update must read the check at
+    once). The batched step reads nothing on the host: its guard checks are deferred, and a
+    divergence is raised when `guard.check` reads them (the training loop does at every logging
+    step and before every checkpoint; a loop of your own calls it as often as it likes), naming
+    the block, the quantity and the step it went bad at.
     """
 
     def __init__(
@@ -157,8 +159,7 @@ class DecoupledNeuralInterfaces(Method):
             self.part_optimizers += [
                 o for o in (i.optimizer, i.synthesizer_optimizer, i.input_optimizer) if o
             ]
-        per_interface = forward_unlock or target_lambda > 0 or synthesizer_ema > 0
-        serves = not per_interface and self.guard.action == "stop"
+        serves = target_lambda == 0 and synthesizer_ema == 0 and self.guard.action == "stop"
         self.batched = bool(batched) and serves
         self.merged_optimizers = _merge(self.part_optimizers)
         # The batched step's gradient inputs, listed once (a module's parameters() walks it).
@@ -168,6 +169,14 @@ class DecoupledNeuralInterfaces(Method):
 
     def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """The blocks (see `Method`), every synthesizer and every input synthesizer; not the
+        oracle, whose forward is a backward pass through the blocks above."""
+        synthesizers = [
+            m for i in self.interfaces for m in (i.synthesizer, i.input_synthesizer) if m is not None
+        ]
+        return [*super().compiled_modules(), *(m for m in synthesizers if m.compilable)]
 
     def context(self, interface: DNI, labels: Tensor) -> Tensor | None:
         """What `interface`'s synthesizer is conditioned on: the one-hot labels, or None."""
@@ -233,10 +242,20 @@ class DecoupledNeuralInterfaces(Method):
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         roots, injections, inputs, cuts, pending = [], [], [], [], []
+        input_losses = []
         h = x
         for interface, params in zip(self.interfaces, self._block_params):
             context = self.context(interface, labels)
-            update = interface.draw_update()
+            checks: list[tuple[str, Tensor, str]] = []
+            pending.append(checks)
+            update = interface.input_synthesizer is None and interface.draw_update()
+            if interface.input_synthesizer is not None:
+                # The block learns here (if drawn to); its real pass below delivers targets only.
+                predicted = self._unlocked_update(interface, params, x, context, checks)
+                error = F.mse_loss(predicted, h.detach())  # `DNI.learn_input`, stepped at the end
+                interface.stats["input_loss"] = error.detach()
+                checks.append(("input-synthesizer loss", error.detach(), interface.name))
+                input_losses.append(error)
             interface.steps_seen += 1
             a = interface.block(h)
             g = interface.synthesizer(a.detach(), context)
@@ -245,7 +264,7 @@ class DecoupledNeuralInterfaces(Method):
             injected = interface.injected(g)
             norm = injected.norm().detach()
             interface.stats["norm"] = norm
-            pending.append([("synthetic gradient", norm, interface.name)])
+            checks.append(("synthetic gradient", norm, interface.name))
             wants = list(params) if update else []
             if h.requires_grad:
                 wants.append(h)
@@ -277,6 +296,7 @@ class DecoupledNeuralInterfaces(Method):
                 pending[k + 1].append(("synthesizer loss", error.detach(), interface.name))
                 losses.append(interface.sg_loss_weight * error)
                 regressions.append((interface, activation, context, target, pending[k + 1]))
+        losses += input_losses
         if losses:
             torch.autograd.backward(losses)
         for optimizer in self.optimizers:
@@ -301,6 +321,31 @@ class DecoupledNeuralInterfaces(Method):
         for interface in self.interfaces:
             out.update({f"sg/{key}/{interface.name}": v for key, v in interface.stats.items()})
         return out
+
+    def _unlocked_update(
+        self,
+        interface: DNI,
+        params: list[nn.Parameter],
+        x: Tensor,
+        context: Tensor | None,
+        checks: list,
+    ) -> Tensor:
+        """`DNI.unlocked_update` in the batched step: the block learns from its synthetic gradient
+        at a predicted input before its real pass, stepped now (only its parameters have
+        gradients yet, so the optimisers step them alone), with the check deferred. Returns
+        the prediction of the block's input."""
+        predicted = interface.input_synthesizer(x)
+        if interface.draw_update():  # after the prediction, as `DNI.unlocked_update` draws
+            h = forward_without_stat_updates(interface.block, predicted.detach())
+            synthetic = forward_without_stat_updates(interface.synthesizer, h.detach(), context)
+            injected = interface.injected(synthetic)
+            checks.append(("synthetic gradient", injected.norm().detach(), interface.name))
+            torch.autograd.backward(h, injected, inputs=params)
+            for optimizer in self.optimizers:
+                optimizer.step()
+            for p in params:
+                p.grad = None
+        return predicted
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "interface_steps": [i.steps_seen for i in self.interfaces]}
