@@ -5,7 +5,7 @@ Scale convention (stated once, here). Losses are batch means, so a true gradient
 therefore predicts the per-example gradient `B * dL/dh`, which does not depend on B; it
 is regressed towards the arriving gradient multiplied by B, and its prediction is divided
 by B before it is injected. With Adam on both sides this matters: regressing the raw
-batch-mean gradient trains far worse (see DESIGN.md).
+batch-mean gradient trains far worse (see docs/design.md).
 
 Used on its own, in a plain PyTorch loop::
 

@@ -1,4 +1,4 @@
-"""The facts DESIGN.md says must hold for synthetic gradients, each checked."""
+"""The facts docs/design.md says must hold for synthetic gradients, each checked."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The benchmark's FLOP limit is the matmul count of DESIGN's step, from the model's shapes."""
+"""The benchmark's FLOP limit is the matmul count of the update-decoupled step (docs/design.md),
+from the model's shapes."""
 
 from __future__ import annotations
 

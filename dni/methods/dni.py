@@ -21,7 +21,7 @@ from dni.synthesizers import OracleSynthesizer, Synthesizer, SynthesizerFactory
 
 
 class DecoupledNeuralInterfaces(Method):
-    """The update-decoupled step of DESIGN.md over a `BlockNet`.
+    """The update-decoupled step (docs/design.md) over a `BlockNet`.
 
     Interfaces sit after the blocks listed in `interfaces` (1-based; all hidden blocks by
     default); the blocks between two interfaces form one segment trained by backprop
