@@ -24,11 +24,10 @@ from dni import (
     OracleSynthesizer,
     synthetic,
 )
+from dni.cli.train import run
 from dni.errors import ConfigError
 from dni.methods import RecurrentDNI
-from experiments.train import run
-from tests.conftest import compose_config
-from tests.helpers import batches
+from tests.helpers import batches, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
 trained_linear = functools.partial(LinearSynthesizer, zero_init=False)  # nonzero from step 1
