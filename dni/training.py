@@ -177,7 +177,7 @@ class Trainer:
         if self.compile:
             method.compile()
         method.train()
-        bar = _Progress(total, run.start, self.progress, self.progress_every)
+        bar = Progress(total, run.start, self.progress, self.progress_every)
         step, window_start, window_samples = run.start, time.perf_counter(), 0
         try:
             with run.ending(lambda: step):
@@ -228,7 +228,7 @@ class Trainer:
             bar.close()
 
 
-class _Progress:
+class Progress:
     """A progress bar on a terminal, with log lines printed above it rather than into it; where
     output is not a terminal (a log file, nohup, Slurm), a log line every `every` steps instead
     (None: ten per run, 0: none): step, training loss, samples per second and time left."""
@@ -251,9 +251,12 @@ class _Progress:
             elapsed = time.perf_counter() - self.began
             done = step - self.start
             left = elapsed / max(done, 1) * (self.total - step)
-            loss = metrics["loss"].item() if "loss" in metrics else math.nan
+            # A method's step says "loss", a pipeline stage "train/loss"; a pipeline's first stage
+            # (rank 0, which reports) has no loss of its own, so its line leaves it out.
+            value = metrics.get("loss", metrics.get("train/loss"))
+            loss = f"loss {value.item():.4f}, " if value is not None else ""
             log.info(
-                "step %d/%d (%d%%): loss %.4f, %.0f samples/s, ETA %s",
+                "step %d/%d (%d%%): %s%.0f samples/s, ETA %s",
                 step,
                 self.total,
                 100 * step // self.total,

@@ -5,7 +5,9 @@ when a rank dies or stalls. The multi-process tests spawn real processes on loop
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,15 +187,20 @@ def _copies(interface: DNI) -> tuple[torch.nn.Module, torch.nn.Module]:
     return copy.deepcopy(interface.block), copy.deepcopy(interface.synthesizer)
 
 
-def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch):
+def test_one_stage_reproduces_the_single_process_run(tmp_path, monkeypatch, caplog):
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     settings = {"steps": 20, "mlp": True}
     reference = single_process(settings, tmp_path / "single")
     method, data, trainer = pipeline_worker.build(settings)
-    result = Pipeline(stages=1).fit(method, data, trainer, tmp_path / "pipeline")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dni.training"):
+        result = Pipeline(stages=1).fit(method, data, trainer, tmp_path / "pipeline")
     assert result["status"] == "completed" and result["parallel"]["stages"] == 1
     assert scalars(tmp_path / "pipeline") == reference and len(reference["train/loss"]) == 20
+    # Without a terminal the pipeline logs the loop's progress lines (ten a run by default).
+    lines = re.findall(r"step (\d+)/20 \(\d+%\): loss [\d.]+, \d+ samples/s, ETA", caplog.text)
+    assert [int(step) for step in lines] == list(range(2, 21, 2))
 
 
 def test_synchronous_stages_reproduce_single_process_losses(tmp_path):

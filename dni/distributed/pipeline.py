@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dni import checkpoint
 from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_failed, pair_groups
@@ -49,7 +48,7 @@ from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.run import Run
 from dni.synthesizers import OracleSynthesizer
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
-from dni.training import Task, Trainer
+from dni.training import Progress, Task, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -493,13 +492,10 @@ class _StageRun:
             self._report(start, {})
         pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
         self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
-        progress = self.trainer.progress and self.rank == 0
-        bar = tqdm(
-            total=self.total,
-            initial=start,
-            disable=None if progress else True,
-            unit="step",
-            dynamic_ncols=True,
+        # Rank 0 shows the run's progress: a bar on a terminal, else a line every so many steps.
+        mine = self.rank == 0
+        bar = Progress(
+            self.total, start, self.trainer.progress and mine, self.trainer.progress_every if mine else 0
         )
         method.train()
         step = start
@@ -528,7 +524,7 @@ class _StageRun:
                         self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
                         clock.window["samples"] += len(x)
                         step = t + 1
-                        bar.update()
+                        bar.update(step, metrics, len(x))
                         if step in self.report_set:
                             self._report(step, metrics)
                         if self.record is not None and step in self.diagnosed:
