@@ -41,6 +41,8 @@ class Synthesizer(nn.Module):
     """
 
     needs_labels = False
+    # Predicts from the rest of the network (the oracle): its owner hands that over with `attach`.
+    needs_downstream = False
     kind = "synthesizer"
     compilable = True  # `torch.compile` may compile its forward (see `Method.compile`)
 
@@ -52,6 +54,12 @@ class Synthesizer(nn.Module):
             raise ConfigError(f"context_dim={context_dim!r} is not allowed; it must be an integer >= 0")
         self.context_dim = context_dim
         self.where = ""
+
+    def attach(self, downstream: Callable[[Tensor, Tensor | None], Tensor]) -> None:
+        """Hand over the loss of the rest of the network as a function of `h` (and the
+        context). A synthesizer that predicts from `h` alone ignores it (and keeps no reference);
+        one that `needs_downstream` differentiates it. Every owner calls it, so none asks which
+        kind of synthesizer it holds."""
 
     def positions(self) -> tuple[int, ...]:
         """The activation's positions that a per-position context must match (none for flat)."""
@@ -302,12 +310,14 @@ def auto(
 class OracleSynthesizer(Synthesizer):
     """Returns the true per-example gradient `B * dL/dh`, for ablations and tests.
 
-    It needs the rest of the network: the DNI method calls `attach(downstream)` with a
-    function giving the loss of the blocks above from `h` and the one-hot labels (the
-    context), computed without touching BatchNorm's running statistics.
+    It needs the rest of the network: its owner calls `attach(downstream)` with a function
+    giving the loss of what follows `h` (for a feed-forward DNI the blocks above, from `h` and
+    the one-hot labels, its context; for recurrent DNI the rest of the sequence), computed
+    without touching BatchNorm's running statistics.
     """
 
     needs_labels = True
+    needs_downstream = True
     compilable = False  # its forward is a backward pass through the blocks above
     kind = "oracle"
 
@@ -319,8 +329,8 @@ class OracleSynthesizer(Synthesizer):
         self.downstream = downstream
 
     def forward(self, h: Tensor, context: Tensor | None = None) -> Tensor:
-        if self.downstream is None or context is None:
-            raise RuntimeError("the oracle synthesizer needs attach(downstream) and the labels as context")
+        if self.downstream is None:
+            raise RuntimeError("the oracle synthesizer needs attach(downstream) before it predicts")
         with torch.enable_grad():
             h = h.detach().requires_grad_()
             (grad,) = torch.autograd.grad(self.downstream(h, context), h)

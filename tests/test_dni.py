@@ -251,3 +251,17 @@ def test_cdni_learns_mnist_and_its_last_synthesizer_aligns(mnist, tmp_path, monk
     cosines = [value for _, value in read_scalars(tmp_path)["sg/cosine/block3"]]
     assert cosines[0] == 0.0, cosines  # zero-initialised,
     assert_above("cDNI last synthesizer cosine, best of the run", max(cosines), 0.5)  # then aligned
+
+
+def test_every_synthesizer_is_handed_the_rest_of_the_network_and_only_the_oracle_uses_it():
+    """`attach` is the one hook for a synthesizer that predicts from what follows `h`: a learned
+    one ignores it (keeping no reference, so it copies and saves as before); the oracle returns
+    `B` times the gradient of what it was handed."""
+    rest = lambda h, context: (h**2).sum() / 2  # noqa: E731 - its gradient at h is h itself
+    linear = LinearSynthesizer((8,))
+    linear.attach(rest)
+    assert not linear.needs_downstream and "downstream" not in vars(linear)
+    oracle = OracleSynthesizer((8,))
+    oracle.attach(rest)
+    h = torch.randn(4, 8)
+    assert oracle.needs_downstream and torch.allclose(oracle(h), 4 * h)

@@ -46,7 +46,6 @@ from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import CheckpointError, ConfigError, FolderInUse, Interrupted
 from dni.methods.dni import DecoupledNeuralInterfaces
 from dni.run import Run
-from dni.synthesizers import OracleSynthesizer
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Progress, Task, Trainer
 
@@ -233,7 +232,7 @@ def _check_method(method: Any) -> None:
             f"parallel=pipeline splits a DNI method over processes, not {getattr(method, 'name', method)!r}; "
             "set method=dni or method=cdni, and control=false"
         )
-    if any(isinstance(i.synthesizer, OracleSynthesizer) for i in method.interfaces):
+    if any(i.synthesizer.needs_downstream for i in method.interfaces):
         raise ConfigError(
             "the oracle synthesizer needs the whole network in one process; use synthesizer=linear "
             "(or mlp, conv) with parallel=pipeline"

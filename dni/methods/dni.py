@@ -139,8 +139,11 @@ class DecoupledNeuralInterfaces(Method):
                 target_lambda=target_lambda,
                 synthesizer_ema=synthesizer_ema,
             )
-            oracle = m_k if isinstance(m_k, OracleSynthesizer) else OracleSynthesizer(shapes[end - 1])
-            oracle.attach(self._downstream(_segment(model.blocks[end:])))
+            downstream = self._downstream(_segment(model.blocks[end:]))
+            m_k.attach(downstream)
+            # The true gradient at this interface, for the ablation and the measurements.
+            oracle = m_k if m_k.needs_downstream else OracleSynthesizer(shapes[end - 1])
+            oracle.attach(downstream)
             self.interfaces.append(interface)
             self.oracles[interface.name] = oracle
         self.cuts = cuts  # the block (1-based) after which each interface sits
@@ -167,8 +170,13 @@ class DecoupledNeuralInterfaces(Method):
         self._head_params = list(self.head.parameters())
         self.optimizers = self.merged_optimizers if self.batched else self.part_optimizers
 
-    def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-        return lambda h, labels: self.loss(forward_without_stat_updates(rest, h), labels)
+    def _downstream(self, rest: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
+        def loss(h: Tensor, labels: Tensor | None) -> Tensor:
+            if labels is None:
+                raise RuntimeError("the loss of the blocks above needs the labels as context")
+            return self.loss(forward_without_stat_updates(rest, h), labels)
+
+        return loss
 
     def compiled_modules(self) -> list[nn.Module]:
         """The blocks (see `Method`), every synthesizer and every input synthesizer; not the

@@ -50,7 +50,7 @@ from dni.guard import Guard
 from dni.interface import OptimizerFactory
 from dni.lstm import LN2, LSTMNet, State, flat, loss_steps, split, step_losses
 from dni.methods.base import Method
-from dni.synthesizers import OracleSynthesizer, Synthesizer, SynthesizerFactory
+from dni.synthesizers import Synthesizer, SynthesizerFactory
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class RecurrentDNI(Method):
         if synthesizer is not None:
             size = self.state_size
             m = synthesizer(shape=(size,), context_dim=0, out_shape=(2 * size,) if aux else None)
-            if aux and isinstance(m, OracleSynthesizer):
+            if aux and m.needs_downstream:
                 raise ConfigError(
                     "method.aux=true cannot use the oracle synthesizer; use method/synthesizer=linear or mlp"
                 )
@@ -237,10 +237,9 @@ class RecurrentDNI(Method):
     def _predict(self, s: Tensor, x: Tensor, y: Tensor, position: int, learn: bool) -> Tensor:
         """The synthesizer's B * dJ/ds at boundary state `s`, detached. Measurements leave
         BatchNorm statistics (of an MLP synthesizer) alone."""
-        if isinstance(self.synthesizer, OracleSynthesizer):
-            rest_x, rest_y = x[:, position:], y[:, position:]
-            self.synthesizer.attach(lambda state, _: self._future_loss(state, rest_x, rest_y))
-            return self.synthesizer(s.detach(), s).detach()
+        rest_x, rest_y = x[:, position:], y[:, position:]
+        # What follows this boundary: used by a synthesizer that predicts from it (the oracle).
+        self.synthesizer.attach(lambda state, _: self._future_loss(state, rest_x, rest_y))
         if learn:
             g = self.synthesizer(s.detach())
         else:
