@@ -119,7 +119,7 @@ def vision(name: str, root: str | os.PathLike | None = None, download: bool = Tr
         missing = _missing(cls, folder)
         raise DataNotFoundError(
             f"{class_name} is not under {folder}{missing} and download is off; set {ROOT_VARIABLE} or "
-            f"dataset.root to a folder holding {layout}, or set dataset.download=true"
+            f"dataset.root to a folder holding {layout}, or set download=true"
         ) from None
     x_train, x_test = _as_float_images(train.data), _as_float_images(test.data)
     # Per-channel statistics of the training split, applied to both splits once.
@@ -198,7 +198,7 @@ class Batches:
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int):
         if not isinstance(batch_size, int) or not 1 <= batch_size <= len(y):
             raise ConfigError(
-                f"trainer.batch_size={batch_size!r} does not fit a training set of {len(y)} "
+                f"batch_size={batch_size!r} does not fit a training set of {len(y)} "
                 f"examples; choose a value in [1, {len(y)}]"
             )
         self.x, self.y, self.batch_size = x, y, batch_size

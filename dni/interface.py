@@ -98,21 +98,19 @@ class DNI(nn.Module):
     ):
         super().__init__()
         if not 0.0 <= p_update <= 1.0:
-            raise ConfigError(f"method.p_update={p_update!r} is not allowed; it must lie in [0, 1]")
+            raise ConfigError(f"p_update={p_update!r} is not allowed; it must lie in [0, 1]")
         for key, value, least in (
             ("warmup_steps", warmup_steps, 0),
             ("regression_steps", regression_steps, 1),
         ):
             if not isinstance(value, int) or value < least:
-                raise ConfigError(f"method.{key}={value!r} is not allowed; it must be an integer >= {least}")
+                raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {least}")
         if not 0.0 <= target_lambda <= 1.0:
-            raise ConfigError(f"method.target_lambda={target_lambda!r} is not allowed; it must lie in [0, 1]")
+            raise ConfigError(f"target_lambda={target_lambda!r} is not allowed; it must lie in [0, 1]")
         self.warmup_steps, self.regression_steps = warmup_steps, regression_steps
         self.target_lambda = float(target_lambda)
         if not 0.0 <= synthesizer_ema < 1.0:
-            raise ConfigError(
-                f"method.synthesizer_ema={synthesizer_ema!r} is not allowed; it must lie in [0, 1)"
-            )
+            raise ConfigError(f"synthesizer_ema={synthesizer_ema!r} is not allowed; it must lie in [0, 1)")
         self.synthesizer_ema = float(synthesizer_ema)
         self.steps_seen = 0  # training passes so far; saved by the method with its checkpoints
         self.block, self.synthesizer, self.input_synthesizer = block, synthesizer, input_synthesizer
@@ -248,7 +246,7 @@ class DNI(nn.Module):
         blocks below have run. Returns the prediction, for `learn_input` once the real input
         is known. BatchNorm statistics are left to the real inputs."""
         if self.input_synthesizer is None:
-            raise RuntimeError(f"{self.name} has no input synthesizer; set method.forward_unlock=true")
+            raise RuntimeError(f"{self.name} has no input synthesizer; set forward_unlock=true")
         predicted = self.input_synthesizer(network_input)
         if self.draw_update():
             h = forward_without_stat_updates(self.block, predicted.detach())

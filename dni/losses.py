@@ -50,7 +50,7 @@ LOSSES = {"cross_entropy": CrossEntropy, "mse": MeanSquaredError}
 
 def get_loss(name: str) -> CrossEntropy | MeanSquaredError:
     if name not in LOSSES:
-        raise ConfigError(f"method.loss={name!r} is unknown; choose one of {', '.join(LOSSES)}")
+        raise ConfigError(f"loss={name!r} is unknown; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]()
 
 

@@ -47,7 +47,7 @@ class LSTMNet(nn.Module):
                 f"shape {tuple(input_shape)}; use dataset=copy, repeat_copy or text (or a feed-forward model)"
             )
         if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ConfigError(f"model.hidden_size={hidden_size!r} is not allowed; it must be an integer >= 1")
+            raise ConfigError(f"hidden_size={hidden_size!r} is not allowed; it must be an integer >= 1")
         self.input_size, self.hidden_size, self.num_classes = int(input_shape[0]), hidden_size, num_classes
         self.input_shape = (self.input_size,)
         self.core = nn.LSTM(self.input_size, hidden_size, batch_first=True)

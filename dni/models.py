@@ -108,7 +108,7 @@ def _cut_positions(at: list[str], names: list[str], owner: str) -> list[int]:
 
 def _positive(name: str, value: int) -> int:
     if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"model.{name}={value!r} is not allowed; it must be an integer >= 1")
+        raise ConfigError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
     return value
 
 
@@ -133,7 +133,7 @@ class FCN(BlockNet):
         activation: str = "relu",
     ):
         if activation not in ("relu", "none"):
-            raise ConfigError(f"model.activation={activation!r} is not allowed; choose relu or none")
+            raise ConfigError(f"activation={activation!r} is not allowed; choose relu or none")
         if widths is None:
             widths = [_positive("width", width)] * _positive("depth", depth)
         else:
@@ -345,9 +345,9 @@ class CharTransformer(BlockNet):
         _positive("depth", depth)
         _positive("heads", heads)
         if _positive("width", width) % heads:
-            raise ConfigError(f"model.width={width} is not a multiple of model.heads={heads}; make it one")
+            raise ConfigError(f"width={width} is not a multiple of heads={heads}; make it one")
         if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout={dropout!r} is not allowed; it must lie in [0, 1)")
+            raise ConfigError(f"dropout={dropout!r} is not allowed; it must lie in [0, 1)")
         length = input_shape[0]
         layers = [TransformerLayer(width, heads, dropout) for _ in range(depth)]
         blocks: list[nn.Module] = [nn.Sequential(_Embedding(num_classes, length, width, dropout), layers[0])]

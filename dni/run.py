@@ -144,7 +144,7 @@ class Run:
             raise CheckpointError(
                 f"checkpoint {source} holds the schedules of {len(state['schedulers'])} optimisers "
                 f"and this run has {len(self.schedulers)}; resume it with the settings it was saved with "
-                "(for DNI: method.batched=false for a run saved before the batched step existed)"
+                "(for DNI: batched=false for a run saved before the batched step existed)"
             )
         for schedule, saved in zip(self.schedulers, state["schedulers"]):
             schedule.load_state_dict(saved)

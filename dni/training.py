@@ -81,18 +81,18 @@ class Trainer:
         for key in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"trainer.{key}={value!r} is not allowed; it must be an integer >= 1")
+                raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1")
         if self.epochs is None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(
-                f"trainer.steps={self.steps!r} is not allowed; give an integer >= 1 or set trainer.epochs"
+                f"steps={self.steps!r} is not allowed; give an integer >= 1 or set trainer.epochs"
             )
         if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"trainer.epochs={self.epochs!r} is not allowed; it must be > 0")
+            raise ConfigError(f"epochs={self.epochs!r} is not allowed; it must be > 0")
         if self.progress_every is not None and not (
             isinstance(self.progress_every, int) and self.progress_every >= 0
         ):
             raise ConfigError(
-                f"trainer.progress_every={self.progress_every!r} is not allowed; give an integer >= 0 "
+                f"progress_every={self.progress_every!r} is not allowed; give an integer >= 0 "
                 "(0: no progress lines) or null for ten per run"
             )
         if self.diagnostics_every < 0 or self.keep_checkpoints < 1:

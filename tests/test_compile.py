@@ -81,14 +81,14 @@ def test_compiling_keeps_parameters_and_state_dict_keys():
 
 def test_compile_refuses_a_recurrent_core_in_one_sentence():
     method = RecurrentDNI(LSTMNet((4,), 3, hidden_size=8), adam, truncation=2)
-    with pytest.raises(ConfigError, match=r"trains a recurrent core, so set trainer.compile=false"):
+    with pytest.raises(ConfigError, match=r"trains a recurrent core, so set compile=false"):
         method.compile()
 
 
 def test_compile_without_a_cpp_compiler_says_so(monkeypatch):
     monkeypatch.setattr("dni.methods.base.shutil.which", lambda name: None)
     model, _ = _model_and_data()
-    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* set trainer.compile=false"):
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* set compile=false"):
         Backprop(model, adam).compile()
 
 

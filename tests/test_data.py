@@ -54,5 +54,5 @@ def test_batches_cover_an_epoch_without_repeats_and_resume_exactly():
 @pytest.mark.parametrize("batch_size", [0, 101])
 def test_batch_size_must_fit_the_training_set(batch_size):
     data = synthetic(num_train=100, num_test=10, shape=(3,))
-    with pytest.raises(ConfigError, match=r"trainer.batch_size=.* \[1, 100\]"):
+    with pytest.raises(ConfigError, match=r"^batch_size=.* \[1, 100\]"):
         Batches(data.x_train, data.y_train, batch_size=batch_size, seed=0)

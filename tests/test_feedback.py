@@ -208,7 +208,7 @@ def test_backward_net_alignment_diagnostics_are_exact():
 def test_non_positive_feedback_scale_is_one_clear_error():
     from dni.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="method.scale"):
+    with pytest.raises(ConfigError, match="scale=0.0 is not allowed"):
         FeedbackAlignment(small_net(), sgd, scale=0.0)
 
 

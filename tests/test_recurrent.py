@@ -136,7 +136,7 @@ def test_each_recurrent_rule_logs_itself_under_the_name_that_chose_it(choice):
 
 def test_mistakes_are_one_clear_sentence():
     model, _, _ = sequence()
-    with pytest.raises(ConfigError, match="method.truncation=0"):
+    with pytest.raises(ConfigError, match="^truncation=0"):
         RecurrentDNI(model, SGD, truncation=0)
     with pytest.raises(ConfigError, match="linear or mlp"):
         RecurrentDNI(model, SGD, synthesizer=OracleSynthesizer, aux=True)

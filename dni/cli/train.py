@@ -284,8 +284,46 @@ def run_hparams(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
     return values, True
 
 
+# The config groups whose keys the library's constructors take as arguments, in the order a
+# key found in several is attributed.
+ARGUMENT_GROUPS = ("method", "trainer", "model", "dataset", "parallel", "guard", "synthesizer")
+
+
+def config_terms(message: str, cfg: DictConfig) -> str:
+    """The library names its arguments (`p_update=2 is not allowed`), as a plain loop passes
+    them; a user of the runner sets config keys, so say those (`method.p_update=2 ...`)."""
+
+    def key(match: re.Match) -> str:
+        name = match.group(1)
+        if name in cfg:  # a top-level choice or setting (`synthesizer=conv`, `seed=1`) as it is
+            return match.group(0)
+        for group in ARGUMENT_GROUPS:
+            node = cfg.get(group)
+            if isinstance(node, DictConfig) and name in node:
+                return f"{group}.{name}{match.group(2)}"
+        return match.group(0)
+
+    return re.sub(r"(?<![\w.-])([a-z_][a-z0-9_]*)(=)", key, message)
+
+
+@contextmanager
+def in_config_terms(cfg: DictConfig) -> Iterator[None]:
+    """Errors of ours on their way out of the runner name config keys (`config_terms`)."""
+    try:
+        yield
+    except DNIError as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (config_terms(error.args[0], cfg),)
+        raise
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything the config names and train it; return the final metrics."""
+    with in_config_terms(cfg):
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     check_values(cfg)
     configure_torch(cfg.seed, cfg.threads, cfg.deterministic)
     with naming("parallel"):

@@ -82,13 +82,13 @@ class Pipeline:
         backend: str = "auto",
     ):
         if stages is not None and (not isinstance(stages, int) or stages < 1):
-            raise ConfigError(f"parallel.stages={stages!r} is not allowed; give an integer >= 1, or null")
+            raise ConfigError(f"stages={stages!r} is not allowed; give an integer >= 1, or null")
         if not isinstance(staleness, int) or staleness < 0:
-            raise ConfigError(f"parallel.staleness={staleness!r} is not allowed; give an integer >= 0")
+            raise ConfigError(f"staleness={staleness!r} is not allowed; give an integer >= 0")
         if not timeout > 0:
-            raise ConfigError(f"parallel.timeout={timeout!r} is not allowed; give a number of seconds > 0")
+            raise ConfigError(f"timeout={timeout!r} is not allowed; give a number of seconds > 0")
         if backend not in BACKENDS:
-            raise ConfigError(f"parallel.backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
         self.stages, self.staleness, self.timeout, self.backend = stages, staleness, float(timeout), backend
         self.boundaries = list(boundaries) if boundaries is not None else None
         # One GPU per rank: claim it before the runner builds anything on "cuda".
@@ -116,15 +116,13 @@ class Pipeline:
         else from the newest checkpoint in `out_dir` that every rank holds intact."""
         _check_method(method)
         if trainer.compile:
-            raise ConfigError(
-                "trainer.compile=true is not supported with parallel=pipeline yet; set it to false"
-            )
+            raise ConfigError("compile=true is not supported with parallel=pipeline yet; set it to false")
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         stages = self.stages or world
         if stages != world:
             raise ConfigError(
-                f"parallel.stages={stages} needs one process per stage but {world} were launched; run "
-                f"torchrun --nproc_per_node={stages} -m dni ..., or set parallel.stages=null"
+                f"stages={stages} needs one process per stage but {world} were launched; run "
+                f"torchrun --nproc_per_node={stages} -m dni ..., or set stages=null"
             )
         device = next(method.model.parameters()).device
         backend = self._backend(device)
@@ -161,8 +159,8 @@ class Pipeline:
         wanted = "nccl" if device.type == "cuda" else "gloo"
         if self.backend not in ("auto", wanted):
             raise ConfigError(
-                f"parallel.backend={self.backend} does not fit a model on {device.type}; use "
-                f"parallel.backend={wanted} (or auto)"
+                f"backend={self.backend} does not fit a model on {device.type}; use "
+                f"backend={wanted} (or auto)"
             )
         return wanted
 
@@ -239,12 +237,11 @@ def _check_method(method: Any) -> None:
         )
     if method.true_targets:
         raise ConfigError(
-            "method.true_targets=true needs the whole network in one process; set it to false "
-            "with parallel=pipeline"
+            "true_targets=true needs the whole network in one process; set it to false with parallel=pipeline"
         )
     if method.target_lambda > 0:
         raise ConfigError(
-            f"method.target_lambda={method.target_lambda} sends targets down through every stage in "
+            f"target_lambda={method.target_lambda} sends targets down through every stage in "
             "one backward pass, which a pipeline does not do; set it to 0 with parallel=pipeline"
         )
 

@@ -166,7 +166,7 @@ def check_boundaries(boundaries: Sequence[int], stages: int, cuts: Sequence[int]
     found = [int(b) for b in boundaries]
     if len(found) != stages - 1 or found != sorted(set(found)) or any(b not in cuts for b in found):
         raise ConfigError(
-            f"parallel.boundaries={list(boundaries)} does not split the model into {stages} stages; give "
+            f"boundaries={list(boundaries)} does not split the model into {stages} stages; give "
             f"{stages - 1} increasing block indices from {list(cuts)} (a stage ends where an interface "
             "sits), or null to balance the stages by compute"
         )
@@ -184,7 +184,7 @@ def balanced_boundaries(method: DecoupledNeuralInterfaces, stages: int, batch_si
     units = len(cuts) + 1  # the interfaces' segments, then the head
     if not 1 <= stages <= units:
         raise ConfigError(
-            f"parallel.stages={stages} is not allowed: this model has {units} segments (interfaces "
+            f"stages={stages} is not allowed: this model has {units} segments (interfaces "
             f"and head) to share out; use at most {units} stages, or more blocks (model.depth)"
         )
     costs = _segment_costs(method, batch_size)

@@ -67,8 +67,8 @@ class Method:
         (synthesizers, auxiliary heads). A rule's step and optimiser stay eager."""
         if self.recurrent:
             raise ConfigError(
-                f"trainer.compile=true compiles the blocks of feed-forward networks; method={self.name} "
-                "trains a recurrent core, so set trainer.compile=false"
+                f"compile=true compiles the blocks of feed-forward networks; method={self.name} "
+                "trains a recurrent core, so set compile=false"
             )
         return list(self.model.blocks)
 
@@ -80,8 +80,8 @@ class Method:
         device = next(self.model.parameters()).device
         if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise ConfigError(
-                "trainer.compile=true needs a C++ compiler (g++) on this machine, which torch.compile "
-                "builds its CPU kernels with; install one or set trainer.compile=false"
+                "compile=true needs a C++ compiler (g++) on this machine, which torch.compile "
+                "builds its CPU kernels with; install one or set compile=false"
             )
         modules = self.compiled_modules()
         # Modules compiled in place share one code object in torch's cache, whose entries (one

@@ -107,9 +107,9 @@ class DecoupledNeuralInterfaces(Method):
         cuts = _interface_positions(interfaces, len(model.blocks))
         p_updates = _per_interface("p_update", p_update, len(cuts))
         if not block_lr_scale > 0:
-            raise ConfigError(f"method.block_lr_scale={block_lr_scale!r} is not allowed; it must be > 0")
+            raise ConfigError(f"block_lr_scale={block_lr_scale!r} is not allowed; it must be > 0")
         if forward_unlock and input_synthesizer is None:
-            raise ConfigError("method.forward_unlock=true needs method.input_synthesizer to be set")
+            raise ConfigError("forward_unlock=true needs an input_synthesizer")
         synthesizer_optimizer = synthesizer_optimizer or optimizer
         device = next(model.parameters()).device
 
@@ -489,7 +489,7 @@ def _interface_positions(interfaces: Sequence[int] | None, num_blocks: int) -> l
     cuts = sorted({int(k) for k in interfaces})
     if not cuts or any(k not in allowed for k in cuts):
         raise ConfigError(
-            f"method.interfaces={list(interfaces)} is not allowed; with {num_blocks} blocks choose "
+            f"interfaces={list(interfaces)} is not allowed; with {num_blocks} blocks choose "
             f"from {allowed} (an interface follows a hidden block), or null for all"
         )
     return cuts
@@ -500,5 +500,5 @@ def _per_interface(key: str, value: float | Sequence[float], count: int) -> list
         return [float(value)] * count
     values = [float(v) for v in value]
     if len(values) != count:
-        raise ConfigError(f"method.{key} has {len(values)} values but there are {count} interfaces")
+        raise ConfigError(f"{key} has {len(values)} values but there are {count} interfaces")
     return values

@@ -109,7 +109,7 @@ def _register_random(
 ) -> None:
     """One fixed matrix per hidden block, uniform in ±scale/sqrt(columns), from `seed` alone."""
     if not (math.isfinite(scale) and scale > 0):
-        raise ConfigError(f"method.scale={scale!r} is not allowed; the feedback scale must be a number > 0")
+        raise ConfigError(f"scale={scale!r} is not allowed; the feedback scale must be a number > 0")
     generator = torch.Generator().manual_seed(int(seed))
     for k, (rows, columns) in enumerate(shapes, start=1):
         bound = scale / math.sqrt(columns)

@@ -99,11 +99,11 @@ class RecurrentDNI(Method):
                 "repeat_copy or text"
             )
         if not isinstance(truncation, int) or truncation < 1:
-            raise ConfigError(f"method.truncation={truncation!r} is not allowed; it must be an integer >= 1")
+            raise ConfigError(f"truncation={truncation!r} is not allowed; it must be an integer >= 1")
         if aux and synthesizer is None:
-            raise ConfigError("method.aux=true needs a synthesizer; use method=dni_aux, not method=bptt")
+            raise ConfigError("aux=true needs a synthesizer; use method=dni_aux, not method=bptt")
         if clip_norm is not None and not clip_norm > 0:
-            raise ConfigError(f"method.clip_norm={clip_norm!r} is not allowed; give a value > 0 or null")
+            raise ConfigError(f"clip_norm={clip_norm!r} is not allowed; give a value > 0 or null")
         super().__init__(model, "cross_entropy", guard)  # the loss follows the targets: see dni.lstm
         self.truncation, self.scale, self.sg_loss_weight = truncation, float(scale), float(sg_loss_weight)
         self.aux, self.aux_weight, self.carry_state = bool(aux), float(aux_weight), bool(carry_state)
@@ -118,7 +118,7 @@ class RecurrentDNI(Method):
             m = synthesizer(shape=(size,), context_dim=0, out_shape=(2 * size,) if aux else None)
             if aux and m.needs_downstream:
                 raise ConfigError(
-                    "method.aux=true cannot use the oracle synthesizer; use method/synthesizer=linear or mlp"
+                    "aux=true cannot use the oracle synthesizer; use method/synthesizer=linear or mlp"
                 )
             self.synthesizer = m.to(next(model.parameters()))  # its device and dtype
             self.parts["synthesizer"] = self.synthesizer

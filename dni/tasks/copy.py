@@ -55,12 +55,12 @@ class CopyTask:
     ):
         for key, value in (("bits", bits), ("min_length", min_length), ("eval_size", eval_size)):
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"dataset.{key}={value!r} is not allowed; it must be an integer >= 1")
+                raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1")
         if max_repeats is not None and (not isinstance(max_repeats, int) or max_repeats < 1):
-            raise ConfigError(f"dataset.max_repeats={max_repeats!r} is not allowed; give an integer >= 1")
+            raise ConfigError(f"max_repeats={max_repeats!r} is not allowed; give an integer >= 1")
         if max_length is not None and (not isinstance(max_length, int) or max_length < min_length):
             raise ConfigError(
-                f"dataset.max_length={max_length!r} is not allowed; give null or an integer >= min_length"
+                f"max_length={max_length!r} is not allowed; give null or an integer >= min_length"
             )
         self.bits, self.max_repeats = bits, max_repeats
         self.min_length, self.max_length, self.threshold = min_length, max_length, float(threshold)
@@ -148,7 +148,7 @@ class CopyBatches:
 
     def __init__(self, task: CopyTask, batch_size: int, seed: int):
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"trainer.batch_size={batch_size!r} is not allowed; it must be an integer >= 1")
+            raise ConfigError(f"batch_size={batch_size!r} is not allowed; it must be an integer >= 1")
         self.task, self.batch_size = task, batch_size
         self.generator = torch.Generator().manual_seed(seed)
 

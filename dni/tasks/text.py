@@ -60,9 +60,9 @@ class CharacterText:
         contiguous: bool = True,
     ):
         if not isinstance(length, int) or length < 1:
-            raise ConfigError(f"dataset.length={length!r} is not allowed; it must be an integer >= 1")
+            raise ConfigError(f"length={length!r} is not allowed; it must be an integer >= 1")
         if eval_size is not None and (not isinstance(eval_size, int) or eval_size < 2):
-            raise ConfigError(f"dataset.eval_size={eval_size!r} is not allowed; give null or an integer >= 2")
+            raise ConfigError(f"eval_size={eval_size!r} is not allowed; give null or an integer >= 2")
         self.name, self.train, self.test, self.vocabulary = name, train, test, list(vocabulary)
         self.length, self.eval_size, self.eval_streams = length, eval_size, eval_streams
         self.contiguous = contiguous
@@ -115,7 +115,7 @@ class StreamBatches:
         per = len(ids) // batch_size if isinstance(batch_size, int) and batch_size >= 1 else 0
         if per < length + 1:
             raise ConfigError(
-                f"trainer.batch_size={batch_size!r} does not fit {len(ids)} training characters in streams "
+                f"batch_size={batch_size!r} does not fit {len(ids)} training characters in streams "
                 f"of at least dataset.length + 1 = {length + 1}; choose a smaller batch size or length"
             )
         self.streams = ids[: per * batch_size].view(batch_size, per)
@@ -147,7 +147,7 @@ class WindowBatches:
     def __init__(self, ids: Tensor, batch_size: int, length: int, seed: int):
         if not isinstance(batch_size, int) or batch_size < 1 or len(ids) < length + 1:
             raise ConfigError(
-                f"trainer.batch_size={batch_size!r} or dataset.length={length} does not fit {len(ids)} "
+                f"batch_size={batch_size!r} or length={length} does not fit {len(ids)} "
                 "training characters; choose a batch size >= 1 and a shorter length"
             )
         self.ids, self.batch_size, self.length = ids, batch_size, length
@@ -186,9 +186,7 @@ def text(
         train, held_out, vocabulary = _read_ptb(path, split)
     elif path.is_file():
         if not 0 < test_fraction < 1:
-            raise ConfigError(
-                f"dataset.test_fraction={test_fraction!r} is not allowed; it must lie in (0, 1)"
-            )
+            raise ConfigError(f"test_fraction={test_fraction!r} is not allowed; it must lie in (0, 1)")
         content = path.read_text(encoding="utf-8")
         vocabulary = sorted(set(content))
         ids = _encode(list(content), vocabulary)
@@ -208,7 +206,7 @@ def text(
 
 def _read_ptb(folder: Path, split: str) -> tuple[Tensor, Tensor, list[str]]:
     if split not in ("valid", "test"):
-        raise ConfigError(f"dataset.split={split!r} is unknown; choose valid or test")
+        raise ConfigError(f"split={split!r} is unknown; choose valid or test")
     missing = [f for f in (PTB_FILES["train"], PTB_FILES[split]) if not (folder / f).is_file()]
     if missing:
         raise DataNotFoundError(
@@ -243,7 +241,7 @@ def next_character(
     character). Windows are drawn at random from each split (at most `num_train` / `num_test`;
     None for all), so the feed-forward methods meet data other than images."""
     if not isinstance(context, int) or context < 1:
-        raise ConfigError(f"dataset.context={context!r} is not allowed; it must be an integer >= 1")
+        raise ConfigError(f"context={context!r} is not allowed; it must be an integer >= 1")
     corpus = text(root, file, length=context, test_fraction=test_fraction)
     vocabulary = len(corpus.vocabulary)
     generator = torch.Generator().manual_seed(seed)

@@ -48,7 +48,7 @@ def char_windows(
     training split (None: every start), and the held-out split cut into consecutive windows
     (at most `num_test`; None: all of it)."""
     if not isinstance(length, int) or length < 1:
-        raise ConfigError(f"dataset.length={length!r} is not allowed; it must be an integer >= 1")
+        raise ConfigError(f"length={length!r} is not allowed; it must be an integer >= 1")
     corpus = text(root, file, length=length, test_fraction=test_fraction)
     generator = torch.Generator().manual_seed(seed)
 
@@ -58,9 +58,7 @@ def char_windows(
         return both[:, :-1].contiguous(), both[:, 1:].contiguous()
 
     if len(corpus.train) <= length or len(corpus.test) <= length:
-        raise ConfigError(
-            f"dataset.length={length} is longer than a split of {file}; choose a shorter window"
-        )
+        raise ConfigError(f"length={length} is longer than a split of {file}; choose a shorter window")
     starts = torch.randperm(len(corpus.train) - length, generator=generator)[:num_train]
     x_train, y_train = windows(starts, corpus.train)
     held_out = torch.arange(0, len(corpus.test) - length, length)[:num_test]
