@@ -30,6 +30,13 @@ from dni.methods import RecurrentDNI
 from tests.helpers import batches, compose_config
 
 adam = functools.partial(torch.optim.Adam, lr=1e-3)
+
+# The portable kernel set (DNI_KERNELS=portable) switches ATen's vector kernels off, where
+# compiling is refused (tested below): these run under the native and avx2 sets.
+needs_vector_kernels = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() == "DEFAULT",
+    reason="torch.compile's CPU kernels need ATen's vector kernels (ATEN_CPU_CAPABILITY is default)",
+)
 trained_linear = functools.partial(LinearSynthesizer, zero_init=False)  # nonzero from step 1
 
 METHODS = {
@@ -69,6 +76,7 @@ def test_every_method_compiles_its_blocks_and_its_own_modules():
     assert len(inputs) == 2 and set(map(id, inputs)) <= set(map(id, unlocked.compiled_modules()))
 
 
+@needs_vector_kernels
 def test_compiling_keeps_parameters_and_state_dict_keys():
     model, _ = _model_and_data()
     method = DecoupledNeuralInterfaces(model, adam, trained_linear)
@@ -92,7 +100,17 @@ def test_compile_without_a_cpp_compiler_says_so(monkeypatch):
         Backprop(model, adam).compile()
 
 
+def test_compile_without_vector_kernels_says_so(monkeypatch):
+    monkeypatch.setattr("dni.methods.base.torch.backends.cpu.get_cpu_capability", lambda: "DEFAULT")
+    model, _ = _model_and_data()
+    with pytest.raises(
+        ConfigError, match=r"\(ATEN_CPU_CAPABILITY=default\); unset that variable or set compile"
+    ):
+        Backprop(model, adam).compile()
+
+
 @pytest.mark.slow
+@needs_vector_kernels
 @pytest.mark.parametrize("name", list(METHODS))
 def test_a_compiled_method_follows_the_eager_one(name):
     """Losses, parameters and the evaluated logits of compiled and eager steps agree to float
@@ -119,6 +137,7 @@ def _seeded(build, model):
 
 
 @pytest.mark.slow
+@needs_vector_kernels
 def test_a_run_with_trainer_compile_ends_where_the_eager_run_does(tmp_path):
     """Through the runner: evaluation, diagnostics (functional calls of compiled blocks) and
     checkpoints of a compiled cDNI run, against the same run eager."""

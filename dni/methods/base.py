@@ -77,13 +77,19 @@ class Method:
         state dicts stay as they are (checkpoints need no change), and the first calls of each
         module in training and in eval mode take the compilation. Results agree with eager
         ones to float tolerance, not bit for bit (the compiler fuses and reorders arithmetic)."""
+        modules = self.compiled_modules()
         device = next(self.model.parameters()).device
         if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise ConfigError(
                 "compile=true needs a C++ compiler (g++) on this machine, which torch.compile "
                 "builds its CPU kernels with; install one or set compile=false"
             )
-        modules = self.compiled_modules()
+        if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+            # Measured with torch 2.14: the kernels inductor then writes do not build (at::vec).
+            raise ConfigError(
+                "compile=true cannot build CPU kernels while ATen runs without vector instructions "
+                "(ATEN_CPU_CAPABILITY=default); unset that variable or set compile=false"
+            )
         # Modules compiled in place share one code object in torch's cache, whose entries (one
         # per module kind, shape, train or eval mode, grad mode) count against a single limit;
         # past it torch would run the rest eagerly.
