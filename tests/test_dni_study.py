@@ -323,3 +323,46 @@ def test_long_budget_is_the_papers_scaled_down_tenfold():
     cfg = compose_config("method=dni", "budget=long")
     assert cfg.trainer.steps == 50_000 and cfg.optim.lr == 1e-3 and cfg.trainer.batch_size == 256
     assert list(cfg.scheduler.milestones) == [30_000, 40_000] and cfg.trainer.checkpoint_every == 2500
+
+
+def _best_linear_prediction(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The least-squares fit of g on (h, 1): what an ideal linear, label-free synthesizer predicts."""
+    features = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
+    return features @ torch.linalg.lstsq(features, g).solution
+
+
+def test_a_linear_unconditioned_synthesizer_below_a_converged_softmax_head_can_only_predict_zero():
+    # Why the chain of synthesizers starts from nothing (README, DNI study, H9): at a stationary
+    # point of a softmax head W, sum_i (p_i - y_i) (h_i, 1)^T = 0, so g_i = W^T (p_i - y_i) has zero
+    # covariance with (h_i, 1) and its best linear fit is zero. One ReLU block further down the
+    # gradient is no longer linear in the activation, and a linear fit keeps part of it.
+    torch.manual_seed(0)
+    x, y = torch.randn(400, 12, dtype=torch.float64), torch.randint(0, 5, (400,))
+    block = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU()).double()
+    with torch.no_grad():
+        h = block(x)
+    head = torch.nn.Linear(8, 5).double()
+
+    def gradients() -> tuple[torch.Tensor, torch.Tensor]:
+        x_ = x.clone().requires_grad_(True)
+        h_ = block(x_)
+        g_h, g_x = torch.autograd.grad(F.cross_entropy(head(h_), y, reduction="sum"), [h_, x_])
+        return g_h.detach(), g_x.detach()
+
+    def explained(h: torch.Tensor, g: torch.Tensor) -> float:
+        return float(_best_linear_prediction(h, g).norm() / g.norm())
+
+    before = explained(h, gradients()[0])
+    lbfgs = torch.optim.LBFGS(head.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=0)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = F.cross_entropy(head(h), y)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    g_h, g_x = gradients()
+    assert before > 0.1
+    assert explained(h, g_h) < 1e-6
+    assert explained(x, g_x) > 0.05
