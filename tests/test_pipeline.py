@@ -4,6 +4,7 @@ when a rank dies or stalls. The multi-process tests spawn real processes on loop
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from dni.distributed.pipeline import disagreement
 from dni.distributed.stage import check_boundaries
 from dni.errors import CheckpointError, ConfigError
 from dni.interface import DNI
-from dni.methods import Backprop, DecoupledNeuralInterfaces
+from dni.methods import Backprop, Controlled, DecoupledGreedy, DecoupledNeuralInterfaces
 from dni.models import FCN, CharTransformer
 from dni.synthesizers import LinearSynthesizer, MLPSynthesizer, auto
 from tests import pipeline_worker
@@ -120,6 +121,9 @@ def test_stages_are_balanced_by_compute_and_boundaries_are_checked():
     even = DecoupledNeuralInterfaces(FCN((512,), 10, depth=4, width=512), torch.optim.Adam, LinearSynthesizer)
     assert balanced_boundaries(even, 2) == [2]
     assert check_boundaries([3], 2, fcn.cuts) == [3]
+    # DGL's stages: blocks and auxiliary classifiers (a linear one costs little beside block 1).
+    greedy = DecoupledGreedy(FCN((1, 28, 28), 10), torch.optim.Adam)
+    assert balanced_boundaries(greedy, 2) == [1] and balanced_boundaries(greedy, 4) == [1, 2, 3]
     for stages, bad in ((2, [0]), (2, [4]), (3, [2, 1]), (3, [1, 1]), (3, [1])):
         with pytest.raises(ConfigError, match="^boundaries="):
             check_boundaries(bad, stages, fcn.cuts)
@@ -133,8 +137,11 @@ def test_settings_that_cannot_work_stop_with_one_sentence(tmp_path, monkeypatch)
     method, data, trainer = pipeline_worker.build({})
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node=2"):
         Pipeline(stages=2).fit(method, data, trainer, tmp_path)
-    with pytest.raises(ConfigError, match="method=dni or method=cdni"):
+    with pytest.raises(ConfigError, match="not 'bprop'; set method=dni, cdni or dgl, and control=false"):
         Pipeline().fit(Backprop(method.model, torch.optim.Adam), data, trainer, tmp_path)
+    twin = Backprop(copy.deepcopy(method.model), torch.optim.Adam)
+    with pytest.raises(ConfigError, match="^control=true trains a backprop twin"):
+        Pipeline().fit(Controlled(method, twin), data, trainer, tmp_path)
     method.true_targets = True  # the ablation needs the blocks above, which live on other ranks
     with pytest.raises(ConfigError, match="^true_targets=true needs the whole network"):
         Pipeline().fit(method, data, trainer, tmp_path)
@@ -182,8 +189,6 @@ def test_late_target_regresses_a_fresh_prediction():
 
 
 def _copies(interface: DNI) -> tuple[torch.nn.Module, torch.nn.Module]:
-    import copy
-
     return copy.deepcopy(interface.block), copy.deepcopy(interface.synthesizer)
 
 
@@ -351,6 +356,71 @@ def test_a_pipeline_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
     got, expected = scalars(resumed), scalars(whole)
     assert got == expected and [s for s, _ in got["train/loss"]] == list(range(1, 41))
     assert [s for s, _ in got["sg/cosine/block1"]] == [1, 11, 21, 31]
+
+
+# -- decoupled greedy learning --------------------------------------------------------------
+DGL = {"method": "dgl", "steps": 20, "checkpoint_every": 10, "eval_every": 10, "diagnostics_every": 5}
+
+
+@pytest.fixture(scope="module")
+def dgl_pipeline(tmp_path_factory) -> Path:
+    """A 2-stage DGL run (4 blocks split where the compute balances, each block with its
+    auxiliary classifier, the last with the head) whose ranks count every message they send."""
+    folder = tmp_path_factory.mktemp("dgl")
+    settings = {**DGL, "out": str(folder / "run"), "record_sends": str(folder / "sent")}
+    run_to_end(2, settings, folder / "logs")
+    return folder
+
+
+def test_dgl_stages_reproduce_single_process_dgl_exactly(dgl_pipeline, tmp_path):
+    """DGL has no staleness (nothing comes back to wait for), so two stages are the single-process
+    step cut in two: every logged number (losses, each auxiliary classifier's loss, the test
+    metrics of the assembled model, the diagnostics `align/...`, `drift/...`, `dgl/error/...`
+    after the same steps) and every final parameter equal one process's bit for bit."""
+    run = dgl_pipeline / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    boundaries = metrics["parallel"]["boundaries"]
+    assert metrics["status"] == "completed" and len(boundaries) == 1
+    got, expected = scalars(run), single_process(DGL, tmp_path / "single")
+    assert got.keys() == expected.keys() and got == expected
+    assert len(got["train/loss"]) == 20 and [s for s, _ in got["test/error"]] == [10, 20]
+    assert {"dgl/loss/block1", "dgl/loss/block3", "dgl/error/block2", "align/cosine/block4"} <= got.keys()
+    assert [s for s, _ in got["dgl/error/block1"]] == [1, 6, 11, 16]
+
+    method, _, _ = pipeline_worker.build(DGL)
+    for k, parts in enumerate(final_parts(run, 2)):
+        method.pipeline_stage(k, boundaries).parts().load_state_dict(parts)
+    (single,) = checkpoint.checkpoints(tmp_path / "single")[-1:]
+    reference = torch.load(single, weights_only=False)["method"]["parts"]
+    ours = method.parts.state_dict()
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_no_dgl_message_goes_backward(dgl_pipeline):
+    """No target link is even made: stage 0 sends one activation per step forward and nothing
+    else; stage 1 sends rank 0 only its reports (one per logged step)."""
+    first, second = (json.loads((dgl_pipeline / f"sent.rank{r}.json").read_text()) for r in (0, 1))
+    links = ["activations 0 -> 1", "reports 1 -> 0"]
+    assert first["links"] == second["links"] == links
+    assert first["sent"] == {"activations 0 -> 1": 20} and second["sent"] == {"reports 1 -> 0": 20}
+    assert "no targets sent back" in (dgl_pipeline / "logs" / "1.log").read_text()
+
+
+def test_a_dgl_pipeline_resumed_from_a_checkpoint_ends_bit_for_bit(dgl_pipeline, tmp_path):
+    """Two stages started again from the run's checkpoint of step 10, into another folder, reach
+    the same weights, auxiliary classifiers, optimiser states' effect and record, bit for bit."""
+    run, resumed = dgl_pipeline / "run", tmp_path / "resumed"
+    settings = {**DGL, "out": str(resumed), "resume": str(checkpoint.path_of(run, 10))}
+    run_to_end(2, settings, tmp_path / "logs")
+    for expected, got in zip(final_parts(run, 2), final_parts(resumed, 2)):
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ours = json.loads((resumed / "metrics.json").read_text())
+    assert ours["status"] == "completed" and comparable(ours) == comparable(
+        json.loads((run / "metrics.json").read_text())
+    )
+    assert scalars(resumed) == {
+        tag: [(s, v) for s, v in values if s > 10] for tag, values in scalars(run).items()
+    }
 
 
 # -- learning, through the runner -----------------------------------------------------------

@@ -236,12 +236,13 @@ class Outbox:
 Groups = dict[tuple[str, int, int], dist.ProcessGroup]
 
 
-def pair_groups(world_size: int, backend: str, timeout: float) -> Groups:
+def pair_groups(world_size: int, backend: str, timeout: float, targets: bool = True) -> Groups:
     """One process group per message kind and pair of ranks: ("activations", k, k+1),
-    ("targets", k+1, k) and ("reports", k, 0). Every rank must call this, in the same order."""
+    ("targets", k+1, k) unless `targets` is false, and ("reports", k, 0). Every rank must call
+    this, in the same order and with the same `targets`."""
     groups = {}
     pairs = [("activations", k, k + 1) for k in range(world_size - 1)]
-    pairs += [("targets", k + 1, k) for k in range(world_size - 1)]
+    pairs += [("targets", k + 1, k) for k in range(world_size - 1) if targets]
     pairs += [("reports", k, 0) for k in range(1, world_size)]
     for kind, source, dest in pairs:
         groups[(kind, source, dest)] = dist.new_group(

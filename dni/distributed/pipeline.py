@@ -1,11 +1,13 @@
-"""Decoupled DNI across processes: one stage per rank, no update locking.
+"""Decoupled training across processes (DNI, cDNI, DGL): one stage per rank, no update locking.
 
 Stage k receives the activation of batch t from stage k-1, trains its blocks on it at
-once from their synthetic gradients, sends its output on without blocking, and moves on to
-batch t+1. The target for its last synthesizer comes back from stage k+1 whenever stage
-k+1 has run that batch, and is used as soon as it is seen; only when more than
-`staleness` of its batches still lack their target does the stage wait. `staleness=0` is
-the synchronous schedule, which reproduces the single-process step exactly.
+once from their synthetic gradients (DGL: from their auxiliary classifiers' losses), sends
+its output on without blocking, and moves on to batch t+1. For DNI the target for its last
+synthesizer comes back from stage k+1 whenever stage k+1 has run that batch, and is used as
+soon as it is seen; only when more than `staleness` of its batches still lack their target
+does the stage wait. `staleness=0` is the synchronous schedule, which reproduces the
+single-process step exactly. DGL sends nothing back (`Stage.sends_targets`), so it has no
+backward links, no staleness, and reproduces the single-process step exactly.
 
 Every rank reads the same deterministic batch stream (same data, same seed), so labels and
 the network input (for cDNI and forward unlocking) are at hand everywhere without being
@@ -13,7 +15,7 @@ sent. Rank 0 writes the run folder: it gathers each stage's reports (throughput,
 time went, staleness, synthesizer losses) and, at evaluation and diagnostics steps, the
 stages' weights (and synthesizers), evaluates and measures the assembled model and writes
 TensorBoard and `metrics.json`, without stopping the pipeline to do so. Every rank saves its
-stage at the same checkpoint steps, where no message is in flight, and the ranks resume from
+stage at the same checkpoint steps, where no target is in flight, and the ranks resume from
 the newest checkpoint all of them hold (`dni.run.Run` keeps the run, as for one process).
 
 Launch one process per stage with torchrun; `Pipeline.fit` reads the rank from the
@@ -44,7 +46,7 @@ from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_faile
 from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import CheckpointError, ConfigError, FolderInUse, Interrupted
-from dni.methods.dni import DecoupledNeuralInterfaces
+from dni.methods.base import Method
 from dni.run import Run
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Progress, Task, Trainer
@@ -58,7 +60,8 @@ _SIGNAL_GRACE_S = 1.0
 
 
 class Pipeline:
-    """How a DNI method is split over processes, and the schedule between them.
+    """How a decoupled method (DNI, cDNI or DGL) is split over processes, and the schedule
+    between them.
 
     Args:
         stages: number of stages; None for one per process launched (torchrun's WORLD_SIZE).
@@ -67,7 +70,8 @@ class Pipeline:
             is as even as it can be.
         staleness: how many newer batches a stage may train on before the target of a batch
             must have arrived; 0 is the synchronous schedule (exactly the single-process step,
-            unless `p_update < 1`, whose random draws differ between one process and K).
+            unless `p_update < 1`, whose random draws differ between one process and K). DGL
+            sends no targets, so it has no use for this bound.
         timeout: seconds any receive or send may wait before the run stops with an error
             naming the stage that went silent.
         backend: "gloo" (CPU), "nccl" (CUDA), or "auto" for whichever fits the device.
@@ -97,7 +101,7 @@ class Pipeline:
 
     def fit(
         self,
-        method: DecoupledNeuralInterfaces,
+        method: Method,
         data: Task,
         trainer: Trainer,
         out_dir: str | os.PathLike,
@@ -114,7 +118,7 @@ class Pipeline:
         Every rank saves its stage into `out_dir/checkpoints` at the same steps, and resumes,
         as one process does, from `resume` (a run folder, or its `checkpoints/step_*.pt`) or
         else from the newest checkpoint in `out_dir` that every rank holds intact."""
-        _check_method(method)
+        cuts = method.pipeline_stage(0, []).cuts  # a rule that cannot be split says so here
         if trainer.compile:
             raise ConfigError("compile=true is not supported with parallel=pipeline yet; set it to false")
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,7 +134,7 @@ class Pipeline:
         if owns_group:
             dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout))
         boundaries = (
-            check_boundaries(self.boundaries, stages, method.cuts)
+            check_boundaries(self.boundaries, stages, cuts)
             if self.boundaries is not None
             else balanced_boundaries(method, stages)
         )
@@ -224,30 +228,8 @@ def _record_if_rank0_is_gone(out_dir: Path, message: str, grace_s: float) -> Non
             return
 
 
-def _check_method(method: Any) -> None:
-    if not isinstance(method, DecoupledNeuralInterfaces):
-        raise ConfigError(
-            f"parallel=pipeline splits a DNI method over processes, not {getattr(method, 'name', method)!r}; "
-            "set method=dni or method=cdni, and control=false"
-        )
-    if any(i.synthesizer.needs_downstream for i in method.interfaces):
-        raise ConfigError(
-            "the oracle synthesizer needs the whole network in one process; use synthesizer=linear "
-            "(or mlp, conv) with parallel=pipeline"
-        )
-    if method.true_targets:
-        raise ConfigError(
-            "true_targets=true needs the whole network in one process; set it to false with parallel=pipeline"
-        )
-    if method.target_lambda > 0:
-        raise ConfigError(
-            f"target_lambda={method.target_lambda} sends targets down through every stage in "
-            "one backward pass, which a pipeline does not do; set it to 0 with parallel=pipeline"
-        )
-
-
 def _fingerprint(
-    method: DecoupledNeuralInterfaces,
+    method: Method,
     data: Task,
     trainer: Trainer,
     boundaries: list[int],
@@ -313,7 +295,7 @@ class _StageRun:
     def __init__(
         self,
         pipeline: Pipeline,
-        method: DecoupledNeuralInterfaces,
+        method: Method,
         data: Task,
         trainer: Trainer,
         rank: int,
@@ -322,7 +304,7 @@ class _StageRun:
         backend: str,
     ):
         self.method, self.data, self.trainer, self.rank, self.world = method, data, trainer, rank, world
-        self.stages = [Stage(method, k, boundaries) for k in range(world)]
+        self.stages: list[Stage] = [method.pipeline_stage(k, boundaries) for k in range(world)]
         self.stage = self.stages[rank]
         self.total = trainer.total_steps(data.num_train)
         self.staleness, self.timeout, self.backend = pipeline.staleness, pipeline.timeout, backend
@@ -363,7 +345,8 @@ class _StageRun:
         self.report_inboxes: dict[int, Inbox] = {}
         if self.world == 1:
             return
-        groups = pair_groups(self.world, backend, self.timeout)
+        backward = stage.sends_targets  # DGL sends nothing back: no target links at all
+        groups = pair_groups(self.world, backend, self.timeout, targets=backward)
         shapes = self.method.model.activation_shapes()
         depth = self.staleness + 2  # messages queued for sending before `send` waits
 
@@ -384,11 +367,13 @@ class _StageRun:
         if not stage.first:
             inputs = link("activations", k - 1, k, activation)
             self.inputs = Inbox(inputs, count, batches(shapes[stage.start - 1]))
-            self.targets_out = Outbox(link("targets", k, k - 1, target), depth)
+            if backward:
+                self.targets_out = Outbox(link("targets", k, k - 1, target), depth)
         if not stage.last:
             self.activations = Outbox(link("activations", k, k + 1, activation), depth)
-            targets = link("targets", k + 1, k, target)
-            self.targets_in = Inbox(targets, count, batches(shapes[stage.end - 1]))
+            if backward:
+                targets = link("targets", k + 1, k, target)
+                self.targets_in = Inbox(targets, count, batches(shapes[stage.end - 1]))
         if k > 0:
             self.reports_out = Outbox(link("reports", k, 0, lambda i: f"stage {k}: report {i + 1}"))
             return
@@ -411,9 +396,10 @@ class _StageRun:
 
     def _save(self, run: Run, step: int) -> None:
         """This rank's part of the checkpoint of `step`. Every target of the stage's batches has
-        been used (the schedule waits for them at a checkpoint step, as at the last), so nothing
-        is in flight between the stages and no message needs saving; rank 0 first writes every
-        report up to `step`, so its record is whole too."""
+        been used (the schedule waits for them at a checkpoint step, as at the last), so the
+        stage's state depends on the batches up to `step` alone, and no message needs saving:
+        an activation still in flight is one the next stage's own checkpoint of `step` has
+        used. Rank 0 first writes every report up to `step`, so its record is whole too."""
         with self.clock.waiting("checkpoint"):
             self.method.guard.check(step)
             if self.record is not None:
@@ -464,14 +450,8 @@ class _StageRun:
         self._links(self.backend, start)
         head = " and the head" if stage.last else ""
         where = f"blocks {stage.start + 1}-{stage.end}{head}"
-        log.info(
-            "stage %d of %d: %s, staleness bound %d, %s",
-            self.rank,
-            self.world,
-            where,
-            self.staleness,
-            self.backend,
-        )
+        targets = f"staleness bound {self.staleness}" if stage.sends_targets else "no targets sent back"
+        log.info("stage %d of %d: %s, %s, %s", self.rank, self.world, where, targets, self.backend)
         if self.rank == 0:
             schedule = {
                 "steps": self.report_steps,
@@ -507,7 +487,8 @@ class _StageRun:
                         else:
                             with clock.waiting("wait_input"):
                                 h = self.inputs.get()
-                            h.requires_grad_()  # its gradient is the target of the stage below
+                            if stage.sends_targets:
+                                h.requires_grad_()  # its gradient is the target of the stage below
                         out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
                         for s in schedulers:
                             s.step()
@@ -515,7 +496,8 @@ class _StageRun:
                         if not stage.last:
                             with clock.waiting("send"):
                                 self.activations.send(out)
-                            pending.append((t, out, labels, self.regressions))
+                            if self.targets_in is not None:
+                                pending.append((t, out, labels, self.regressions))
                         # At a checkpoint step (and the last) every target must be in: a whole state.
                         self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
                         clock.window["samples"] += len(x)
@@ -543,22 +525,20 @@ class _StageRun:
                         raise self._interrupted(signals.signum, step, out_dir) from None
                     raise
                 mine = shares(clock.total)
+                waits = f"waiting for input {100 * mine['wait_input_share']:.0f}%"
+                late = ""
+                if stage.sends_targets:
+                    waits += f", for targets {100 * mine['wait_target_share']:.0f}%"
+                    late = f"; targets {mine.get('staleness_mean', 0.0):.2f} batches late on average"
                 log.info(
-                    "stage %d: %.0f samples/s; computing %.0f%%, waiting for input %.0f%%, for targets "
-                    "%.0f%%, sending %.0f%%, checkpoints %.1f%%; targets %.2f batches late on average",
+                    "stage %d: %.0f samples/s; computing %.0f%%, %s, sending %.0f%%, checkpoints %.1f%%%s",
                     self.rank,
                     mine["samples_per_s"],
-                    *(
-                        100 * mine[k]
-                        for k in (
-                            "compute_share",
-                            "wait_input_share",
-                            "wait_target_share",
-                            "send_share",
-                            "checkpoint_share",
-                        )
-                    ),
-                    mine.get("staleness_mean", 0.0),
+                    100 * mine["compute_share"],
+                    waits,
+                    100 * mine["send_share"],
+                    100 * mine["checkpoint_share"],
+                    late,
                 )
                 if self.record is not None:
                     return run.summary("completed", step)
@@ -597,6 +577,7 @@ class _StageRun:
             self.clock.delay(t - batch)
 
     def _report(self, step: int, metrics: dict[str, Tensor]) -> None:
+        self.method.guard.check(step)  # the checks a step deferred (DGL's), read here in one go
         with self.clock.aside():
             raw = self.clock.close_window(self.method.guard.skipped)
             scalars = {**metrics, **self.stage.stats()}  # the stats after this step's targets

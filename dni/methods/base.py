@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +15,9 @@ from dni.functional import forward_without_stat_updates
 from dni.guard import Guard
 from dni.losses import get_loss
 from dni.models import BlockNet
+
+if TYPE_CHECKING:
+    from dni.distributed.stage import Stage
 
 
 class Method:
@@ -97,6 +102,17 @@ class Method:
         torch._dynamo.config.recompile_limit = max(limit, 8 * len(modules))
         for module in modules:
             module.compile()
+
+    # -- pipelines ----------------------------------------------------------------------
+    def pipeline_stage(self, index: int, boundaries: Sequence[int]) -> Stage:
+        """Stage `index` of this rule split into pipeline stages after the blocks `boundaries`
+        (`dni.distributed`): what one process trains, and whether anything travels back to the
+        stage below. A rule whose blocks need each other's backward pass cannot be split and
+        says so here, before a pipeline starts."""
+        raise ConfigError(
+            f"parallel=pipeline splits a decoupled method over processes, not {self.name!r}; "
+            "set method=dni, cdni or dgl, and control=false"
+        )
 
     # -- measurements -------------------------------------------------------------------
     def true_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

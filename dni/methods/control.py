@@ -17,11 +17,18 @@ Which "true gradient" each diagnostic uses:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from dni.errors import ConfigError
 from dni.methods.base import Method, weight_alignment
 from dni.methods.bprop import Backprop
+
+if TYPE_CHECKING:
+    from dni.distributed.stage import Stage
 
 
 class Controlled(Method):
@@ -55,6 +62,13 @@ class Controlled(Method):
         """Compile the method's modules and the twin's alike (see `Method.compile`)."""
         self.method.compile()
         self.control.compile()
+
+    def pipeline_stage(self, index: int, boundaries: Sequence[int]) -> Stage:
+        """Refused: the twin is trained by backprop through the whole network, in one process."""
+        raise ConfigError(
+            "control=true trains a backprop twin of the whole network in one process; set "
+            "control=false with parallel=pipeline"
+        )
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         out = self.method.step(x, y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ from dni.interface import OptimizerFactory
 from dni.methods.base import Method
 from dni.methods.dni import _interface_positions, _segment
 from dni.models import BlockNet
+
+if TYPE_CHECKING:
+    from dni.distributed.stage import GreedyStage
 
 HeadFactory = Callable[..., nn.Module]
 
@@ -123,34 +127,53 @@ class DecoupledGreedy(Method):
         return [*super().compiled_modules(), *self.auxiliary]
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return self.learn(x, y, range(len(self.segments)))[1]
+
+    # The step over a slice of the segments, so that a pipeline stage (`dni.distributed`) runs its own.
+    def learn(
+        self, h: Tensor, y: Tensor, segments: Sequence[int], head: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Train the consecutive `segments` (indices into `self.segments`) on their input `h` and,
+        with `head`, the head after them: each on its own loss, in one backward and one step.
+        Returns the last output (the detached activation, or the logits) and the losses (the
+        true loss and accuracy as `loss` and `accuracy`, each auxiliary one as `dgl/loss/blockK`)."""
         (optimizer,) = self.optimizers
         optimizer.zero_grad(set_to_none=True)
         deferred = self.guard.action == "stop"
         out: dict[str, Tensor] = {}
-        losses, h = [], x
-        for segment, auxiliary, name in zip(self.segments, self.auxiliary, self.names):
-            a = segment(h)  # `h` is detached: this graph ends at the block's own input
-            local = self.loss(auxiliary(a), y)
-            out[f"dgl/loss/{name}"] = local.detach()
+        losses: list[Tensor] = []
+
+        def use(quantity: str, loss: Tensor, where: str = "") -> None:
             if deferred:
-                self.guard.defer("auxiliary loss", local, name)
-                losses.append(local)
-            elif self.guard.finite("auxiliary loss", local, name):
-                losses.append(local)
+                self.guard.defer(quantity, loss, where)
+                losses.append(loss)
+            elif self.guard.finite(quantity, loss, where):
+                losses.append(loss)
+
+        for k in segments:
+            a = self.segments[k](h)  # `h` is detached: this graph ends at the block's own input
+            local = self.loss(self.auxiliary[k](a), y)
+            out[f"dgl/loss/{self.names[k]}"] = local.detach()
+            use("auxiliary loss", local, self.names[k])
             h = a.detach()  # the cut: nothing flows back below it
-        logits = self.head(h)
-        loss = self.loss(logits, y)
-        if deferred:
-            self.guard.defer("loss", loss)
-            losses.append(loss)
-        elif self.guard.finite("loss", loss):
-            losses.append(loss)
+        if head:
+            logits = self.head(h)
+            loss = self.loss(logits, y)
+            use("loss", loss)
+            out, h = {**self._outputs(logits, y, loss), **out}, logits
         if losses:
             torch.autograd.backward(losses)  # each loss reaches its own segment only
             optimizer.step()  # a parameter without a gradient (a skipped segment) is left alone
         if deferred:
             self.guard.end_checks()
-        return {**self._outputs(logits, y, loss), **out}
+        return h, out
+
+    def pipeline_stage(self, index: int, boundaries: Sequence[int]) -> GreedyStage:
+        """A stage of blocks with their auxiliary classifiers (`dni.distributed.stage.GreedyStage`),
+        which sends nothing back: no target, no gradient."""
+        from dni.distributed.stage import GreedyStage  # the pipeline builds on the methods, not the reverse
+
+        return GreedyStage(self, index, boundaries)
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"test": self.model}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from dni.losses import one_hot
 from dni.methods.base import Method
 from dni.models import BlockNet
 from dni.synthesizers import OracleSynthesizer, Synthesizer, SynthesizerFactory
+
+if TYPE_CHECKING:
+    from dni.distributed.stage import DNIStage
 
 
 class DecoupledNeuralInterfaces(Method):
@@ -378,6 +382,28 @@ class DecoupledNeuralInterfaces(Method):
         super().load_state_dict(state)
         for interface, seen in zip(self.interfaces, state.get("interface_steps", [])):
             interface.steps_seen = seen
+
+    def pipeline_stage(self, index: int, boundaries: Sequence[int]) -> DNIStage:
+        """A stage of blocks with their interfaces (`dni.distributed.stage.DNIStage`), which sends
+        the gradient at its input back as the target of the stage below."""
+        from dni.distributed.stage import DNIStage  # the pipeline builds on the methods, not the reverse
+
+        if any(i.synthesizer.needs_downstream for i in self.interfaces):
+            raise ConfigError(
+                "the oracle synthesizer needs the whole network in one process; use synthesizer=linear "
+                "(or mlp, conv) with parallel=pipeline"
+            )
+        if self.true_targets:
+            raise ConfigError(
+                "true_targets=true needs the whole network in one process; set it to false with "
+                "parallel=pipeline"
+            )
+        if self.target_lambda > 0:
+            raise ConfigError(
+                f"target_lambda={self.target_lambda} sends targets down through every stage in "
+                "one backward pass, which a pipeline does not do; set it to 0 with parallel=pipeline"
+            )
+        return DNIStage(self, index, boundaries)
 
     # -- measurements -------------------------------------------------------------------
     def _synthetic(self, interface: DNI, h: Tensor, labels: Tensor) -> Tensor:
