@@ -407,7 +407,7 @@ CHANGEABLE_ON_RESUME = (
     "parallel.backend",
 )
 # Settings added since a checkpoint may have been written, with the value that trains as it did.
-ADDED_SINCE = {"method.target_lambda": 0.0, "method.synthesizer_ema": 0.0}
+ADDED_SINCE = {"method.target_lambda": 0.0, "method.synthesizer_ema": 0.0, "method.top_interface": True}
 
 
 def check_resume(cfg: DictConfig, out_dir: Path, names: dict[str, str]) -> None:

@@ -41,6 +41,9 @@ class DecoupledNeuralInterfaces(Method):
         synthesizer_optimizer: builds the synthesizers' optimisers; defaults to `optimizer`.
         conditioned: cDNI: the synthesizers also see the one-hot label.
         interfaces: block indices (1..K-1) followed by an interface; None for all.
+        top_interface: False leaves the last hidden block without an interface: it learns with
+            the head from the true loss, so no label-free synthesizer sits directly below a
+            linear classifier, where its best linear prediction is zero (the DNI study, H9).
         p_update: probability that a segment applies its update on a step (one value, or one
             per interface).
         sg_loss_weight, scale: see `DNI`.
@@ -87,6 +90,7 @@ class DecoupledNeuralInterfaces(Method):
         synthesizer_optimizer: OptimizerFactory | None = None,
         conditioned: bool = False,
         interfaces: Sequence[int] | None = None,
+        top_interface: bool = True,
         p_update: float | Sequence[float] = 1.0,
         sg_loss_weight: float = 1.0,
         scale: float = 1.0,
@@ -108,7 +112,7 @@ class DecoupledNeuralInterfaces(Method):
         self.conditioned, self.true_targets, self.target_lambda = conditioned, true_targets, target_lambda
         shapes = model.activation_shapes()
         self.num_classes = shapes[-1][0]
-        cuts = _interface_positions(interfaces, len(model.blocks))
+        cuts = _interface_positions(interfaces, len(model.blocks), top_interface)
         p_updates = _per_interface("p_update", p_update, len(cuts))
         if not block_lr_scale > 0:
             raise ConfigError(f"block_lr_scale={block_lr_scale!r} is not allowed; it must be > 0")
@@ -506,10 +510,22 @@ def _segment(blocks: Sequence[nn.Module]) -> nn.Module:
     return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
 
 
-def _interface_positions(interfaces: Sequence[int] | None, num_blocks: int) -> list[int]:
+def _interface_positions(interfaces: Sequence[int] | None, num_blocks: int, top: bool = True) -> list[int]:
     allowed = list(range(1, num_blocks))
     if not allowed:
         raise ConfigError("DNI needs at least one hidden block; set model.depth >= 1")
+    if not top:
+        if len(allowed) < 2:
+            raise ConfigError(
+                "top_interface=false leaves no interface with one hidden block; set model.depth >= 2 "
+                "or top_interface=true"
+            )
+        if interfaces is not None and allowed[-1] in {int(k) for k in interfaces}:
+            raise ConfigError(
+                f"interfaces={list(interfaces)} puts one after block {allowed[-1]}, directly below the "
+                f"head, but top_interface=false; drop {allowed[-1]} or set top_interface=true"
+            )
+        allowed = allowed[:-1]
     if interfaces is None:
         return allowed
     cuts = sorted({int(k) for k in interfaces})
