@@ -118,7 +118,7 @@ class DNI(nn.Module):
         # The Polyak average that predicts under `synthesizer_ema` (a synthesizer with nothing to
         # learn, the oracle, has nothing to average).
         self.average: Synthesizer | None = None
-        if synthesizer_ema > 0 and any(True for _ in synthesizer.parameters()):
+        if synthesizer_ema > 0 and next(iter(synthesizer.parameters()), None) is not None:
             self.average = copy.deepcopy(synthesizer).requires_grad_(False)
         self.p_update, self.scale, self.sg_loss_weight = float(p_update), float(scale), float(sg_loss_weight)
         self.guard = guard or Guard()
@@ -150,9 +150,11 @@ class DNI(nn.Module):
             update = self.draw_update()
         self.steps_seen += 1
         h = self.block(x)
-        g = self.synthesizer(h.detach(), context)
+        g = self.synthesizer(h.detach(), context)  # regressed towards the target that arrives
         true_target = truth(h.detach()) if truth is not None else None
-        injected = self.injected(g if self.average is None else self.average(h.detach(), context))
+        # What is injected comes from `predictor`: `g` itself, or the Polyak average's prediction.
+        predictor = self.predictor
+        injected = self.injected(g if predictor is self.synthesizer else predictor(h.detach(), context))
         # Under lambda-returns the target for the interface below leaves only once `delta` is here.
         sends_later = x.requires_grad and self.target_lambda > 0
         self.stats["norm"] = injected.norm().detach()

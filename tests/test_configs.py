@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 
 from dni.cli.train import build, build_model, run
 from dni.data import ClassificationData, synthetic
@@ -98,16 +99,55 @@ def test_other_groups_compose_and_run(option, tmp_path):
     assert run(cfg, tmp_path)["status"] == "completed"
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path, monkeypatch):
-    cfg = compose_config(f"experiment={experiment}")
+# The data sets (or tasks) an experiment is run on beside its own default, as its file and the
+# README say: one experiment swept over `dataset` instead of a near-identical file per data set.
+CLAIMS = {
+    "table1_fcn": ["mnist", "cifar10"],
+    "table1_cnn": ["mnist", "cifar10"],
+    "copy_lstm": ["copy", "repeat_copy"],
+}
+
+
+def experiment_cases() -> list:
+    """Every experiment, once per data set it claims (its default alone when it claims none)."""
+    return [
+        pytest.param(e, d, id=f"{e}-{d}" if d else e)
+        for e in options("experiment")
+        for d in CLAIMS.get(e, [None])
+    ]
+
+
+def test_every_claimed_data_set_is_an_option_and_every_claim_an_experiment():
+    assert set(CLAIMS) <= set(options("experiment"))
+    assert {d for ds in CLAIMS.values() for d in ds} <= set(options("dataset"))
+
+
+@pytest.mark.parametrize(("experiment", "dataset"), [(e, d) for e, ds in CLAIMS.items() for d in ds])
+def test_an_experiment_composes_for_each_data_set_it_claims_changing_only_the_data(experiment, dataset):
+    """`experiment=X dataset=D` is X's setting on D's data: the data set's own config, every
+    other key (model, method, budget, sweep, report) as X sets it, and a report titled by D."""
+    cfg = compose_config(f"experiment={experiment}", f"dataset={dataset}")
+    default = compose_config(f"experiment={experiment}")
+    assert cfg.dataset == compose_config(f"dataset={dataset}").dataset
+    with open_dict(cfg), open_dict(default):
+        del cfg["dataset"], default["dataset"]
+    assert cfg == default
+    assert "{dataset}" in cfg.report.title  # filled from the runs' data set by the report
+
+
+@pytest.mark.parametrize(("experiment", "dataset"), experiment_cases())
+def test_every_experiment_runs_on_a_tiny_budget(experiment, dataset, tmp_path, monkeypatch):
+    chosen = [f"experiment={experiment}"] + ([f"dataset={dataset}"] if dataset else [])
+    cfg = compose_config(*chosen)
     if cfg.model._target_.startswith(RECURRENT):  # sequence tasks: a tiny core and evaluation instead
         monkeypatch.setenv("DNI_DATA_ROOT", str(data_root()))  # Tiny Shakespeare for dataset=text
         overrides = [o for o in tiny() if not o.startswith(("dataset", "trainer.batch_size"))]
-        overrides += [f"experiment={experiment}", "model.hidden_size=8", "dataset.eval_size=16"]
+        overrides += [*chosen, "model.hidden_size=8", "dataset.eval_size=16"]
         overrides += ["trainer.batch_size=4", "trainer.diagnostics_every=2"]
         result = run(compose_config(*overrides), tmp_path)
         assert result["status"] == "completed" and result["steps"] == 3
+        if dataset:  # the task the run says it ran
+            assert OmegaConf.load(tmp_path / "checkpoints" / "config.yaml").run.dataset == dataset
         return
     if cfg.dataset._target_.endswith("char_windows"):  # a Transformer: Tiny Shakespeare's windows, shrunk
         monkeypatch.setenv("DNI_DATA_ROOT", str(data_root()))
@@ -117,6 +157,7 @@ def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path, monkeypatc
         result = run(compose_config(*overrides), tmp_path)
         assert result["status"] == "completed" and result["steps"] == 3
         return
+    # On synthetic data of the chosen data set's shape (CIFAR-10 is not offline).
     shape = {"cifar10": "[3,32,32]"}.get(cfg.dataset.get("name"), "[1,28,28]")
     overrides = tiny(f"experiment={experiment}", f"dataset.shape={shape}")
     if cfg.model._target_.endswith("CNN"):
@@ -126,7 +167,7 @@ def test_every_experiment_runs_on_a_tiny_budget(experiment, tmp_path, monkeypatc
 
 
 def test_paper_budget_sets_the_papers_steps_and_schedule():
-    cfg = compose_config("experiment=mnist_fcn_cdni", "budget=paper")
+    cfg = compose_config("experiment=mnist_fcn", "method=cdni", "budget=paper")
     assert cfg.trainer.steps == 500_000 and cfg.optim.lr == 3e-5 and cfg.trainer.batch_size == 256
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
     scheduler = instantiate(cfg.scheduler)(optimizer)

@@ -239,7 +239,8 @@ def test_cdni_learns_mnist_and_its_last_synthesizer_aligns(mnist, tmp_path, monk
     last interface's synthetic gradient comes to point the way of the true one (cosine > 0.5)."""
     monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
     cfg = compose_config(
-        "experiment=mnist_fcn_cdni",
+        "experiment=mnist_fcn",
+        "method=cdni",
         "trainer.steps=1500",
         "trainer.eval_every=1500",
         "trainer.diagnostics_every=250",

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dni import FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
+from dni import DNI, FCN, DecoupledNeuralInterfaces, LinearSynthesizer, MLPSynthesizer, NoBackprop, synthetic
 from dni.cli.train import run
 from dni.errors import ConfigError
 from dni.functional import forward_without_stat_updates
@@ -170,6 +170,28 @@ def test_synthesizer_ema_predicts_with_the_polyak_average_and_sends_its_transpos
     )
     fresh.load_state_dict(state)
     assert same(fresh.interfaces[1].average, upper.average)
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_an_interface_injects_what_its_predictor_predicts(ema):
+    """`DNI.forward` injects the prediction of `predictor` (the one definition, shared with
+    forward unlocking and the diagnostics): `M_k` itself, or under `synthesizer_ema` its average,
+    which here is made to differ from `M_k`."""
+    torch.manual_seed(5)
+    block = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU())
+    interface = DNI(block, trained_linear((16,)), frozen, frozen, synthesizer_ema=ema)
+    assert (interface.predictor is interface.synthesizer) == (ema == 0.0)
+    if ema:
+        with torch.no_grad():
+            for p in interface.predictor.parameters():
+                p.add_(torch.randn_like(p))
+    x = torch.randn(32, 12)
+    interface(x)  # the block's optimiser has learning rate 0: its gradients stay to be read
+    h = block(x)
+    for source, matches in ((interface.predictor, True), (interface.synthesizer, ema == 0.0)):
+        injected = interface.injected(source(h.detach()))
+        expected = torch.autograd.grad(h, list(block.parameters()), injected, retain_graph=True)
+        assert all(torch.equal(p.grad, e) for p, e in zip(block.parameters(), expected)) == matches
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])

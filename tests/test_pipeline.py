@@ -462,7 +462,12 @@ def test_two_gloo_processes_learn_mnist(tmp_path):
     if not (root / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST is not under {root}; set DNI_DATA_ROOT to a folder holding MNIST/raw")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(REPO / "experiments" / "train.py"), "experiment=mnist_fcn_cdni", "parallel=pipeline"]
+    command += [
+        str(REPO / "experiments" / "train.py"),
+        "experiment=mnist_fcn",
+        "method=cdni",
+        "parallel=pipeline",
+    ]
     command += ["trainer.steps=400", "trainer.eval_every=200", "trainer.progress=false", "device=cpu"]
     # Microseconds in the folder name: the two ranks' Hydra would name different folders.
     command += [f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"]

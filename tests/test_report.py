@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from dni.cli.report import ReportSpec, collect, main, markdown_table
+from dni.cli.report import ReportSpec, Run, collect, main, markdown_table
 from tests.helpers import run_cli
 
 TINY = [
@@ -27,7 +27,7 @@ def _png(path) -> tuple[int, ...]:
 def test_table1_sweep_writes_its_table_and_curves(tmp_path):
     result = run_cli(
         "-m",
-        "experiment=table1_mnist_fcn",
+        "experiment=table1_fcn",
         "method=bprop,cdni",
         "model.depth=1,2",
         *TINY,
@@ -35,7 +35,7 @@ def test_table1_sweep_writes_its_table_and_curves(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "report.md").read_text()
-    assert "# Table 1: MNIST, FCN, test error (%)" in report and "4 completed" in report
+    assert "# Table 1: synthetic, FCN, test error (%)" in report and "4 completed" in report
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     assert rows[0] == "| model.depth | bprop | cdni |" and len(rows) == 2 + 2
     for line in rows[2:]:  # every cell a number, as the runs' own metrics say
@@ -50,6 +50,42 @@ def test_table1_sweep_writes_its_table_and_curves(tmp_path):
     (tmp_path / "curves.png").unlink()  # the script alone keeps the experiment's title and curves
     main([str(tmp_path)])
     assert (tmp_path / "curves.png").exists() and (tmp_path / "report.md").read_text() == report
+
+
+def test_one_experiment_swept_over_data_sets_names_reports_and_groups_each_data_set(tmp_path):
+    """`experiment=table1_fcn dataset=A,B`: a folder per job naming its data set, the title
+    naming both, and a column per method and data set whose cells are that job's own result."""
+    result = run_cli(
+        "-m",
+        "experiment=table1_fcn",
+        "method=bprop,cdni",
+        "model.depth=1",
+        "dataset=synthetic,next_character",  # two data sets that are offline and take num_train
+        # `++`: the sweep's own config has the experiment's data set (MNIST), which lacks them
+        *[f"++{o}" if o.startswith("dataset.") else o for o in TINY if not o.startswith("dataset=")],
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").exists())
+    assert names == [
+        "0_method=bprop,dataset=synthetic",
+        "1_method=bprop,dataset=next_character",
+        "2_method=cdni,dataset=synthetic",
+        "3_method=cdni,dataset=next_character",
+    ]
+    # A run's data set is the name it recorded (`metrics.json`), that of the data it loaded.
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Table 1: synthetic, tinyshakespeare_next_character, FCN, test error (%)\n")
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    data = ["synthetic", "tinyshakespeare_next_character"]
+    columns = [f"{method} / {name}" for method in ("bprop", "cdni") for name in data]
+    assert rows[0] == f"| model.depth | {' | '.join(columns)} |" and len(rows) == 3
+    cells = rows[2].strip("| ").split(" | ")[1:]
+    for run in collect(tmp_path):
+        chosen = next(o for o in run.overrides if o.startswith("dataset=")).partition("=")[2]
+        assert run.lookup("dataset") == data[["synthetic", "next_character"].index(chosen)]
+        column = columns.index(f"{run.lookup('method')} / {run.lookup('dataset')}")
+        assert cells[column] == f"{100 * run.metrics['test_error']:.2f}"
 
 
 def test_update_frequency_sweep_plots_error_against_p(tmp_path):
@@ -158,3 +194,24 @@ def test_the_report_script_on_a_folder_without_runs_is_one_sentence(tmp_path):
         main([str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a folder; give a sweep's folder"):
         main([str(tmp_path / "nowhere")])
+
+
+def test_a_joined_column_takes_the_place_of_its_method_and_a_title_names_the_runs_values(tmp_path):
+    """A key swept besides the experiment's columns joins them ("dni / cifar10"); such columns
+    keep the experiment's order of methods, and `{key}` in the title lists the runs' values."""
+    done = {"status": "completed", "test_error": 0.1}
+    runs = [
+        Run(tmp_path / f"{method}-{data}", {"model": {"depth": 3}}, done,
+            {"method": method, "dataset": data}, [f"method={method}", f"dataset={data}"])
+        for method in ("cdni", "bprop", "dni") for data in ("mnist", "cifar10")
+    ]  # fmt: skip
+    order = ["bprop", "dni", "cdni"]
+    spec = ReportSpec(
+        title="{dataset} by {method}; {missing}", rows="model.depth", columns="method", order=order
+    )
+    resolved = spec.resolved(runs)
+    assert resolved.columns == "method,dataset"
+    assert resolved.title == "cifar10, mnist by bprop, cdni, dni; {missing}"
+    header = markdown_table(runs, spec).splitlines()[0]
+    columns = [f"{method} / {data}" for method in order for data in ("cifar10", "mnist")]
+    assert header == f"| model.depth | {' | '.join(columns)} |"

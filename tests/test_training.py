@@ -18,7 +18,7 @@ FAST = ["trainer.progress=false", "device=cpu"]
 def test_backprop_learns_mnist(mnist, tmp_path, monkeypatch):
     """The default FCN under backprop reaches at most 4% test error in 1000 steps (~10 s)."""
     monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
-    cfg = compose_config("experiment=mnist_fcn_bprop", "trainer.steps=1000", "trainer.eval_every=1000", *FAST)
+    cfg = compose_config("experiment=mnist_fcn", "trainer.steps=1000", "trainer.eval_every=1000", *FAST)
     result = run(cfg, tmp_path)
     assert result["status"] == "completed"
     assert_below("bprop MNIST test error, 1000 steps", result["test_error"], 0.04)

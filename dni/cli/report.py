@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import statistics
 import sys
 import textwrap
@@ -70,7 +71,9 @@ class ReportSpec:
     a config group's choice (`method`) or a dotted config key (`model.depth`)."""
 
     title: str | None = _option(
-        None, "the title of the report and its figures (default: the experiment's name and the swept keys)"
+        None,
+        "the title of the report and its figures; {key} in it stands for the runs' values of that "
+        "key, e.g. {dataset} (default: the experiment's name and the swept keys)",
     )
     rows: str | None = _option(
         None,
@@ -123,7 +126,7 @@ class ReportSpec:
         extra = [k for k in varied if k not in shown]
         if extra:
             columns = ",".join(_keys(columns) + extra)
-        title = self.title
+        title = _filled(self.title, runs)
         if title is None:
             experiment = next(
                 (r.choices.get("experiment") for r in runs if r.choices.get("experiment")), None
@@ -131,6 +134,19 @@ class ReportSpec:
             by = f" by {', '.join(varied)}" if varied else ""
             title = f"{experiment or 'sweep'}: {self.label}{by}"
         return replace(self, rows=rows, columns=columns, title=title)
+
+
+def _filled(title: str | None, runs: list[Run]) -> str | None:
+    """`{key}` in a title replaced by the runs' values of that key, so that one experiment run
+    on several data sets titles each report by its own ("Table 1: {dataset}, FCN")."""
+    if title is None:
+        return None
+
+    def values(match: re.Match) -> str:
+        found = {run.lookup(match.group(1)) for run in runs} - {None}
+        return ", ".join(str(v) for v in sorted(found, key=_sort_key)) if found else match.group(0)
+
+    return re.sub(r"\{([\w./-]+)\}", values, title)
 
 
 def _keys(joined: str | None) -> list[str]:
@@ -201,9 +217,16 @@ def _sort_key(value: Any) -> tuple:
 
 
 def _columns(runs: list[Run], spec: ReportSpec) -> list[Any]:
+    """The columns, `spec.order` first; a joined column ("cdni / cifar10", a key the sweep varied
+    besides the experiment's columns) takes the place of its first part ("cdni")."""
     present = {run.lookup(spec.columns) for run in runs}
-    ordered = [c for c in spec.order if c in present]
-    return ordered + sorted(present - set(ordered), key=_sort_key)
+    place = {value: i for i, value in enumerate(spec.order)}
+
+    def rank(column: Any) -> tuple:
+        first = str(column).partition(" / ")[0]
+        return (place.get(column, place.get(first, len(place))), _sort_key(column))
+
+    return sorted(present, key=rank)
 
 
 def _rows(runs: list[Run], spec: ReportSpec) -> list[Any]:

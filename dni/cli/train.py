@@ -1,7 +1,7 @@
 """Train one configuration; the only Hydra entry point.
 
     dni-train                                  # backprop, FCN, MNIST
-    dni-train experiment=mnist_fcn_cdni        # a paper setting
+    dni-train experiment=mnist_fcn method=cdni # a paper setting
     dni-train -m method=bprop,dni,cdni model.depth=3,6
 
 (`python -m dni` and `python experiments/train.py` are the same command.)
