@@ -321,19 +321,19 @@ def test_every_study_arm_runs_on_a_tiny_budget(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_dni_beats_no_bprop_and_without_the_top_interface_beats_shipped_at_depth_4(
+def test_shipped_dni_beats_no_bprop_and_dni_with_an_interface_below_the_classifier_at_depth_4(
     mnist, tmp_path, monkeypatch
 ):
     """The study's headlines, pinned: DNI as shipped (`method=dni`, no overrides) trains the
-    hidden blocks of an FCN-4 into something better than leaving them at their initial weights
-    (before the study, DNI at depth 6 ended above No-Bprop: 35.4% against 27.8%); and without
-    the interface directly below the classifier (H9) it trains clearly better again."""
+    hidden blocks of an FCN-4 into something far better than leaving them at their initial
+    weights (before the study, DNI at depth 6 ended above No-Bprop: 35.4% against 27.8%), and
+    clearly better than with an interface directly below the classifier as well (H9)."""
     monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
     errors = {}
     for name, overrides in {
         "no_bprop": ["method=no_bprop"],
         "dni": ["method=dni"],
-        "no_top": ["method=dni", "method.top_interface=false"],
+        "every_layer": ["method=dni", "method.top_interface=true"],
     }.items():
         cfg = compose_config(
             *overrides,
@@ -344,11 +344,12 @@ def test_shipped_dni_beats_no_bprop_and_without_the_top_interface_beats_shipped_
             "device=cpu",
         )
         errors[name] = run(cfg, tmp_path / name)["test_error"]
-    # DNI must end clearly below the floor: at most 70% of No-Bprop's error.
-    assert_below("DNI / No-Bprop test error, MNIST FCN-4, 800 steps", errors["dni"] / errors["no_bprop"], 0.7)
     assert_below(
-        "DNI without the top interface / shipped DNI, MNIST FCN-4, 800 steps",
-        errors["no_top"] / errors["dni"],
+        "DNI / No-Bprop test error, MNIST FCN-4, 800 steps", errors["dni"] / errors["no_bprop"], 0.45
+    )
+    assert_below(
+        "DNI / DNI with an interface below the classifier, MNIST FCN-4, 800 steps",
+        errors["dni"] / errors["every_layer"],
         0.8,
     )
 
