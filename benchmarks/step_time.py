@@ -42,6 +42,15 @@ VARIANTS = {  # label -> config overrides
     "dni (linear)": ["method=dni", "synthesizer=linear"],
     "cdni (linear)": ["method=cdni", "synthesizer=linear"],
     "dni (linear, per-interface)": ["method=dni", "synthesizer=linear", "method.batched=false"],
+    # The paper's placement, an interface after every hidden block (shipped DNI leaves out the
+    # one below the classifier): the placement the README's FLOP-limit tables were measured with.
+    "dni (linear, every layer)": ["method=dni", "synthesizer=linear", "method.top_interface=true"],
+    "dni (linear, every layer, per-interface)": [
+        "method=dni",
+        "synthesizer=linear",
+        "method.top_interface=true",
+        "method.batched=false",
+    ],
     "cdni (linear, per-interface)": ["method=cdni", "synthesizer=linear", "method.batched=false"],
     "dni (mlp)": ["method=dni", "synthesizer=mlp"],
     "cdni (mlp)": ["method=cdni", "synthesizer=mlp"],
