@@ -103,7 +103,7 @@ def test_update_frequency_sweep_plots_error_against_p(tmp_path):
 
 
 def test_report_script_regenerates_and_marks_unfinished_jobs(tmp_path, capsys):
-    result = run_cli("-m", "debug=fast", "method=bprop,dni", "model.depth=1", f"hydra.sweep.dir={tmp_path}")
+    result = run_cli("-m", "debug=fast", "method=bprop,dni", "model.depth=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     killed = next(r for r in collect(tmp_path) if r.lookup("method") == "dni")
     (killed.path / "metrics.json").unlink()  # as if the job were killed before it wrote anything
