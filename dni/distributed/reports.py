@@ -42,8 +42,9 @@ RAW = (
 )
 
 
-class Clock:
-    """Where a stage's time goes within one report window, and in total."""
+class StageClock:
+    """Where a stage's time goes within one report window, and in total (the run's own wall
+    time and throughput are `dni.run.Clock`'s)."""
 
     def __init__(self) -> None:
         self.window = dict.fromkeys(RAW, 0.0)
@@ -71,6 +72,7 @@ class Clock:
             self.excluded += time.perf_counter() - began
 
     def delay(self, batches: int) -> None:
+        """A target was used `batches` batches after its own (its staleness)."""
         self.window["delay_sum"] += batches
         self.window["delay_count"] += 1
         self.window["delay_max"] = max(self.window["delay_max"], batches)
@@ -89,6 +91,7 @@ class Clock:
 
 
 def accumulate(total: dict[str, float], window: dict[str, float]) -> None:
+    """Add one window's raw measurements to `total`."""
     for key in RAW:
         if key == "delay_max":
             total[key] = max(total[key], window[key])
@@ -115,6 +118,21 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
         out["staleness_mean"] = raw["delay_sum"] / raw["delay_count"]
         out["staleness_max"] = raw["delay_max"]
     return out
+
+
+def describe(rank: int, stage: Stage, raw: dict[str, float]) -> str:
+    """Where the time of stage `rank` went over the run, in a line for its log."""
+    mine = shares(raw)
+    waits = f"waiting for input {100 * mine['wait_input_share']:.0f}%"
+    late = ""
+    if stage.sends_targets:
+        waits += f", for targets {100 * mine['wait_target_share']:.0f}%"
+        late = f"; targets {mine.get('staleness_mean', 0.0):.2f} batches late on average"
+    return (
+        f"stage {rank}: {mine['samples_per_s']:.0f} samples/s; computing {100 * mine['compute_share']:.0f}%, "
+        f"{waits}, sending {100 * mine['send_share']:.0f}%, checkpoints {100 * mine['checkpoint_share']:.1f}%"
+        f"{late}"
+    )
 
 
 def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: str | None) -> Tensor:
