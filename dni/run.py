@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from dni import checkpoint
 from dni.errors import CheckpointError, Divergence, DNIError, Interrupted, RunFolderError
-from dni.tracking import Tracker
+from dni.tracking import Tracker, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,39 @@ class Run:
     def _record(self, status: str, step: int, **extra: Any) -> None:
         if self.tracker is not None:
             if_writable(lambda: self.summary(status, step, **extra))
+
+
+@contextmanager
+def hold(out_dir: str | os.PathLike, lock: bool = True, stop_at_once: bool = False) -> Iterator[StopSignals]:
+    """What a process holds while it trains into `out_dir`: the folder's lock (unless `lock` is
+    false: a pipeline's rank 0 holds it for every rank), SIGINT and SIGTERM (`StopSignals`, with
+    `stop_at_once`), and the console for the run's log lines (`console_logging`)."""
+    with ExitStack() as held:
+        if lock:
+            held.enter_context(folder_lock(out_dir))
+        signals = held.enter_context(StopSignals(at_once=stop_at_once))
+        held.enter_context(console_logging())
+        yield signals
+
+
+@contextmanager
+def console_logging() -> Iterator[None]:
+    """The loop's lines reach the console even when nothing configured logging (a script or a
+    notebook calling `Trainer.fit`); an application that configured it keeps its own."""
+    package = logging.getLogger("dni")
+    if logging.getLogger().handlers or package.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 def info_of(method: Any, data: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dni.errors import ConfigError, Interrupted
 from dni.methods.base import Method
-from dni.run import Run, StopSignals, architecture, find_checkpoint, info_of
-from dni.tracking import folder_lock
+from dni.run import Run, StopSignals, architecture, find_checkpoint, hold, info_of
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class Trainer:
         not declare the view's columns (a sweep declares them once for all its runs).
         """
         out_dir = Path(out_dir)
-        with folder_lock(out_dir), StopSignals() as stop, _console_logging():
+        with hold(out_dir) as stop:
             return self._fit(method, data, out_dir, stop, scheduler, hparams, hparams_columns, resume)
 
     def _fit(
@@ -270,23 +269,3 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-@contextmanager
-def _console_logging() -> Iterator[None]:
-    """The loop's lines reach the console even when nothing configured logging (a script or a
-    notebook calling `Trainer.fit`); an application that configured it keeps its own."""
-    package = logging.getLogger("dni")
-    if logging.getLogger().handlers or package.handlers:
-        yield
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)

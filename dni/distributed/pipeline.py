@@ -24,7 +24,6 @@ environment torchrun sets. With one process (no torchrun) it runs a single stage
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -42,11 +41,11 @@ from torch import Tensor
 
 from dni import checkpoint
 from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_failed, pair_groups
-from dni.distributed.reports import Record, StageClock, describe, encode, report_buffers, shares
+from dni.distributed.reports import Record, StageClock, encode, report_buffers, shares, where_time_went
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import CheckpointError, ConfigError, FolderInUse, Interrupted
 from dni.methods.base import Method
-from dni.run import Run, StopSignals, architecture, info_of
+from dni.run import Run, StopSignals, architecture, hold, info_of
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Progress, Task, Trainer
 
@@ -142,10 +141,7 @@ class Pipeline:
             out_dir = _agree_on_folder(Path(out_dir), rank)
         out_dir = Path(out_dir)
         try:
-            with (
-                folder_lock(out_dir) if rank == 0 else contextlib.nullcontext(),
-                StopSignals(at_once=True) as signals,
-            ):
+            with hold(out_dir, lock=rank == 0, stop_at_once=True) as signals:
                 run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
                 result = run.train(out_dir, scheduler, hparams, signals, resume)
         except BaseException as error:
@@ -225,9 +221,7 @@ def _fingerprint(
 
 
 def _check_agreement(mine: dict[str, Any]) -> None:
-    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    problem = disagreement(everyone)
+    problem = disagreement(_gather(mine, dist.get_world_size()))
     if problem:
         raise ConfigError(problem)
 
@@ -319,7 +313,7 @@ class _StageRun:
                         # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
                         raise self._interrupted(run, signals.signum) from None
                     raise
-                log.info("%s", describe(self.rank, stage, self.clock.total))
+                log.info("%s", where_time_went(self.rank, stage, self.clock.total))
                 if self.record is not None:
                     return run.summary("completed", self.step)
                 return {
@@ -519,6 +513,8 @@ class _StageRun:
             self.record.collect(block=True)
 
     def _target_sender(self, h: Tensor) -> Callable[[Tensor | None], None] | None:
+        """What sends the gradient of `h` (this step's input) to the stage below as its target;
+        None where nothing is sent back."""
         if self.targets_out is None:
             return None
 
@@ -546,6 +542,8 @@ class _StageRun:
             self.clock.delay(t - batch)
 
     def _report(self, step: int, metrics: dict[str, Tensor]) -> None:
+        """This stage's report of `step` (see `reports.encode`): to the record on rank 0, else
+        sent there."""
         self.method.guard.check(step)  # the checks a step deferred (DGL's), read here in one go
         with self.clock.aside():
             raw = self.clock.close_window(self.method.guard.skipped)

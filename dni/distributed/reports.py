@@ -120,7 +120,7 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def describe(rank: int, stage: Stage, raw: dict[str, float]) -> str:
+def where_time_went(rank: int, stage: Stage, raw: dict[str, float]) -> str:
     """Where the time of stage `rank` went over the run, in a line for its log."""
     mine = shares(raw)
     waits = f"waiting for input {100 * mine['wait_input_share']:.0f}%"
@@ -150,7 +150,8 @@ def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: 
 
 
 def report_buffers(stage: Stage, steps: list[int], weights: dict[int, str]) -> Callable[[int], Tensor]:
-    """Allocates the buffer for report i of `stage` (see `encode`; `weights` by step)."""
+    """What allocates the buffer for report i of `stage`, which rank 0 receives into (see
+    `encode`; `weights`: what weights the report of a step carries)."""
     device = next(stage.method.model.parameters()).device
     size = len(RAW) + len(stage.report_keys())
     sizes = [size + (stage.state_size(weights[s] == "full") if s in weights else 0) for s in steps]
@@ -181,7 +182,8 @@ class Record:
         self.steps, self.logged = schedule["steps"], schedule["logged"]
         self.eval_steps, self.diagnostics = schedule["eval_steps"], schedule["diagnostics"]
         method = stages[0].method
-        self.lr = method.optimizers[0].param_groups[0]
+        # Its learning rate is logged as `train/lr`, as one process logs the first optimiser's.
+        self.lr_group = method.optimizers[0].param_groups[0]
         # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
         self.assembled = copy.deepcopy(method)
         self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
@@ -238,7 +240,7 @@ class Record:
             self.written += 1
 
     def _write(self, step: int, vectors: dict[int, Tensor]) -> None:
-        scalars: dict[str, float] = {"train/lr": self.lr["lr"]}
+        scalars: dict[str, float] = {"train/lr": self.lr_group["lr"]}
         for k, stage in enumerate(self.stages):
             vector = vectors[k].cpu()
             raw = dict(zip(RAW, vector[: len(RAW)].tolist()))
