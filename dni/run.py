@@ -3,9 +3,10 @@ clock, its checkpoints and how it resumes, and what is written when it stops.
 
 `Trainer.fit` (one process) and every stage of a pipeline (`dni.distributed`, one process per
 stage) train through a `Run`: the loop says what a step is; the run says where it is written,
-when it is saved, what a resumed run starts from, and how an end is recorded, the same way for
-both. In a pipeline every rank saves its own part of each checkpoint and rank 0 alone writes
-the record (`records=True`).
+when it is saved, what a resumed run starts from, how its learning-rate schedules step, how a
+stop signal reaches it (`StopSignals`) and how an end is recorded, the same way for both. In a
+pipeline every rank saves its own part of each checkpoint and rank 0 alone writes the record
+(`records=True`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dni import checkpoint
 from dni.errors import CheckpointError, Divergence, DNIError, Interrupted, RunFolderError
-from dni.tracking import Tracker
+from dni.tracking import Tracker, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ class Run:
         self.checkpoint_every, self.keep, self.records, self.shard = checkpoint_every, keep, records, shard
         self.fields = dict(fields or {})
         self.start = 0
+        self.last_checkpoint: int | None = None  # the step of the newest checkpoint this run holds
         self.tracker: Tracker | None = None
         self.clock = Clock()
         self.measures: Callable[[], dict[str, Any]] = dict
@@ -90,7 +96,7 @@ class Run:
         restored = found[1] if found is not None else None
         if restored is not None:
             self._load_stream(found[0], restored)
-            self.start = restored["step"]
+            self.start = self.last_checkpoint = restored["step"]
             checkpoint.set_rng_state(restored["rng"])
             log.info("resuming from %s at step %d", found[0], self.start)
         self.clock = Clock(restored.get("clock") if restored else None)
@@ -133,6 +139,7 @@ class Run:
             state.update(tracker=self.tracker.state_dict(), clock=self.clock.state_dict())
             self.tracker.flush()  # events up to the checkpoint survive a kill; later ones are purged
         path = checkpoint.save(self.out_dir, step, state, keep=self.keep, shard=self.shard)
+        self.last_checkpoint = step
         if self.tracker is not None:
             self.tracker.write_metrics("running", steps=step, total_steps=self.total, **self.fields)
         return path
@@ -150,6 +157,14 @@ class Run:
             schedule.load_state_dict(saved)
         if hasattr(self.data, "load_state_dict"):  # e.g. a curriculum's level
             self.data.load_state_dict(state["task"])
+
+    # -- a step ---------------------------------------------------------------------------
+    def step_schedulers(self) -> None:
+        """Advance the learning-rate schedules by one step, after the loop's updates."""
+        with warnings.catch_warnings():  # a block may skip its update (p_update < 1) on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            for schedule in self.schedulers:
+                schedule.step()
 
     # -- the record --------------------------------------------------------------------
     def evaluated(self, step: int, results: dict[str, float]) -> None:
@@ -216,6 +231,99 @@ class Run:
     def _record(self, status: str, step: int, **extra: Any) -> None:
         if self.tracker is not None:
             if_writable(lambda: self.summary(status, step, **extra))
+
+
+@contextmanager
+def hold(out_dir: str | os.PathLike, lock: bool = True, stop_at_once: bool = False) -> Iterator[StopSignals]:
+    """What a process holds while it trains into `out_dir`: the folder's lock (unless `lock` is
+    false: a pipeline's rank 0 holds it for every rank), SIGINT and SIGTERM (`StopSignals`, with
+    `stop_at_once`), and the console for the run's log lines (`console_logging`)."""
+    with ExitStack() as held:
+        if lock:
+            held.enter_context(folder_lock(out_dir))
+        signals = held.enter_context(StopSignals(at_once=stop_at_once))
+        held.enter_context(console_logging())
+        yield signals
+
+
+@contextmanager
+def console_logging() -> Iterator[None]:
+    """The loop's lines reach the console even when nothing configured logging (a script or a
+    notebook calling `Trainer.fit`); an application that configured it keeps its own."""
+    package = logging.getLogger("dni")
+    if logging.getLogger().handlers or package.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+def info_of(method: Any, data: Any) -> dict[str, Any]:
+    """What a run is, for `metrics.json` and the checkpoints' signature."""
+    return {"method": method.name, "model": method.model.name, "dataset": data.name}
+
+
+def architecture(parts: nn.Module) -> str:
+    """The shapes a checkpoint's weights must have, in a line: a count of tensors and of parameters."""
+    shapes = [tuple(p.shape) for p in parts.parameters()]
+    return f"{len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} parameters"
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice), for as long as the `with` block lasts;
+    `signum` is the one that came, or None.
+
+    One process (`at_once=False`) stops at the next step boundary, where its state is whole, so
+    the loop polls `signum` and saves there; a second signal acts at once, as it would without
+    us. A pipeline stage (`at_once=True`) stops at once with a `KeyboardInterrupt`: its ranks
+    would have to agree on a step to stop at, so a stopped pipeline goes on from its last
+    checkpoint instead."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.at_once = at_once
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if self.at_once:
+            raise KeyboardInterrupt
+        self._restore()
+
+    def arrives(self, within_s: float) -> bool:
+        """Whether a stop signal has come, or comes within `within_s` seconds."""
+        deadline = time.monotonic() + within_s
+        try:
+            while self.signum is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # a pending handler runs here, between two bytecodes
+        except KeyboardInterrupt:
+            pass
+        return self.signum is not None
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exception: object) -> None:
+        self._restore()
 
 
 def if_writable(write: Callable[[], Any]) -> None:

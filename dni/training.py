@@ -11,12 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,8 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dni.errors import ConfigError, Interrupted
 from dni.methods.base import Method
-from dni.run import Run, find_checkpoint
-from dni.tracking import folder_lock
+from dni.run import Run, StopSignals, architecture, find_checkpoint, hold, info_of
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +124,7 @@ class Trainer:
         not declare the view's columns (a sweep declares them once for all its runs).
         """
         out_dir = Path(out_dir)
-        with folder_lock(out_dir), _StopRequests() as stop, _console_logging():
+        with hold(out_dir) as stop:
             return self._fit(method, data, out_dir, stop, scheduler, hparams, hparams_columns, resume)
 
     def _fit(
@@ -136,7 +132,7 @@ class Trainer:
         method: Method,
         data: Task,
         out_dir: Path,
-        stop: _StopRequests,
+        stop: StopSignals,
         scheduler: SchedulerFactory | None,
         hparams: dict[str, Any] | None,
         hparams_columns: bool,
@@ -145,8 +141,8 @@ class Trainer:
         total = self.total_steps(data.num_train)
         batches = data.batches(self.batch_size, self.seed)
         schedulers = [scheduler(o) for o in method.optimizers] if scheduler else []
-        info = {"method": method.name, "model": method.model.name, "dataset": data.name}
-        signature = {**info, "architecture": _architecture(method)}
+        info = info_of(method, data)
+        signature = {**info, "architecture": architecture(method.parts)}
         run = Run(
             out_dir,
             info,
@@ -192,12 +188,7 @@ class Trainer:
                         tracker.scalars(method.diagnostics(x, y), step + 1)
                     measured = time.perf_counter()  # measurements do not count as training time
                     metrics = method.step(x, y)
-                    with warnings.catch_warnings():  # a block may skip its update (p_update < 1) on purpose
-                        warnings.filterwarnings(
-                            "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before"
-                        )
-                        for s in schedulers:
-                            s.step()
+                    run.step_schedulers()
                     method.guard.end_step()
                     step += 1
                     clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
@@ -278,59 +269,3 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-@contextmanager
-def _console_logging() -> Iterator[None]:
-    """The loop's lines reach the console even when nothing configured logging (a script or a
-    notebook calling `Trainer.fit`); an application that configured it keeps its own."""
-    package = logging.getLogger("dni")
-    if logging.getLogger().handlers or package.handlers:
-        yield
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-
-
-class _StopRequests:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the loop to stop at the next
-    step boundary, where the state is whole, so its checkpoint resumes exactly. A second
-    signal acts at once, as it would without us."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequests:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(signum, handler)
-        self._previous = {}
-
-    def __exit__(self, *exception: object) -> None:
-        self._restore()
-
-
-def _architecture(method: Method) -> str:
-    shapes = [tuple(p.shape) for p in method.parts.parameters()]
-    return f"{len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} parameters"

@@ -267,3 +267,41 @@ def test_a_pipeline_whose_rank_0_dies_or_that_is_interrupted_never_stays_running
     else:
         assert codes[0] != 0 and metrics["status"] == "interrupted", (codes, metrics["status"])
         assert "training interrupted by SIGINT at step" in metrics["error"]
+
+
+def test_stop_signals_stop_one_process_at_the_next_step_and_a_pipeline_stage_at_once(tmp_path):
+    """`dni.run.hold` as both ways of training use it: one process only notes the signal (the
+    loop saves at the next step) and gives the next one back to the previous handler; a pipeline
+    stage stops at once. Both put the previous handlers back; the lock is held unless `lock`
+    is false (a pipeline's other ranks)."""
+    from dni.run import hold
+
+    def locked_elsewhere() -> bool:
+        code = f"from dni.tracking import lock_folder; lock_folder({str(tmp_path)!r})"
+        other = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True
+        )
+        return b"FolderInUse" in other.stderr
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with hold(tmp_path) as stop:
+            assert locked_elsewhere()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs between two bytecodes
+            assert stop.signum == signal.SIGTERM and seen == []
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal acts as it would without us
+            time.sleep(0.05)
+            assert seen == [signal.SIGTERM]
+        with hold(tmp_path, lock=False, stop_at_once=True) as stop:
+            assert not locked_elsewhere()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.0)
+            assert stop.signum == signal.SIGTERM and stop.arrives(0.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

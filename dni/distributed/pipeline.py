@@ -24,12 +24,10 @@ environment torchrun sets. With one process (no torchrun) it runs a single stage
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,11 +41,11 @@ from torch import Tensor
 
 from dni import checkpoint
 from dni.distributed.links import Inbox, Link, Outbox, PipelineError, mark_failed, pair_groups
-from dni.distributed.reports import Clock, Record, encode, report_buffers, shares
+from dni.distributed.reports import Record, StageClock, encode, report_buffers, shares, where_time_went
 from dni.distributed.stage import Stage, balanced_boundaries, check_boundaries
 from dni.errors import CheckpointError, ConfigError, FolderInUse, Interrupted
 from dni.methods.base import Method
-from dni.run import Run
+from dni.run import Run, StopSignals, architecture, hold, info_of
 from dni.tracking import METRICS_FILE, folder_lock, read_metrics, write_json
 from dni.training import Progress, Task, Trainer
 
@@ -143,7 +141,7 @@ class Pipeline:
             out_dir = _agree_on_folder(Path(out_dir), rank)
         out_dir = Path(out_dir)
         try:
-            with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext(), _Signals() as signals:
+            with hold(out_dir, lock=rank == 0, stop_at_once=True) as signals:
                 run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
                 result = run.train(out_dir, scheduler, hparams, signals, resume)
         except BaseException as error:
@@ -167,41 +165,6 @@ class Pipeline:
                 f"backend={wanted} (or auto)"
             )
         return wanted
-
-
-class _Signals:
-    """SIGINT and SIGTERM stop a rank at once, as a `KeyboardInterrupt` that remembers which
-    signal it was: the ranks would have to agree on a step to stop at, so a stopped pipeline
-    goes on from its last checkpoint instead."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._raise)
-        return self
-
-    def _raise(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        raise KeyboardInterrupt
-
-    def arrives(self, within_s: float) -> bool:
-        """Whether a stop signal has come, or comes within `within_s` seconds."""
-        deadline = time.monotonic() + within_s
-        try:
-            while self.signum is None and time.monotonic() < deadline:
-                time.sleep(0.01)  # a pending handler runs here, between two bytecodes
-        except KeyboardInterrupt:
-            pass
-        return self.signum is not None
-
-    def __exit__(self, *exception: object) -> None:
-        for signum, handler in self._previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
 
 
 def _record_if_rank0_is_gone(out_dir: Path, message: str, grace_s: float) -> None:
@@ -258,9 +221,7 @@ def _fingerprint(
 
 
 def _check_agreement(mine: dict[str, Any]) -> None:
-    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    problem = disagreement(everyone)
+    problem = disagreement(_gather(mine, dist.get_world_size()))
     if problem:
         raise ConfigError(problem)
 
@@ -290,7 +251,7 @@ def _agree_on_folder(out_dir: Path, rank: int) -> Path:
 
 class _StageRun:
     """One rank's part of one run: its stage, its links, its schedule and its checkpoints (rank
-    0 also keeps the record)."""
+    0 also keeps the record). `train` is the whole of it; `_steps` is the stage's loop."""
 
     def __init__(
         self,
@@ -308,15 +269,122 @@ class _StageRun:
         self.stage = self.stages[rank]
         self.total = trainer.total_steps(data.num_train)
         self.staleness, self.timeout, self.backend = pipeline.staleness, pipeline.timeout, backend
+        self.boundaries = boundaries
         self.device = next(method.model.parameters()).device
-        self.settings = {
-            "stages": world,
-            "boundaries": boundaries,
-            "staleness": self.staleness,
-            "backend": backend if world > 1 else "local",
-        }
-        self.clock = Clock()
+        self.clock = StageClock()
         self.record: Record | None = None
+        self.step = 0  # the steps done: what an end is recorded at
+
+    # -- the run ------------------------------------------------------------------------
+    def train(
+        self,
+        out_dir: Path,
+        scheduler: Callable | None,
+        hparams: dict[str, Any] | None,
+        signals: StopSignals,
+        resume: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        run, restored = self._begin(out_dir, scheduler, hparams, resume)
+        start = self.step = run.start
+        self._schedule(start)
+        self._links(start)
+        stage = self.stage
+        where = f"blocks {stage.start + 1}-{stage.end}" + (" and the head" if stage.last else "")
+        targets = f"staleness bound {self.staleness}" if stage.sends_targets else "no targets sent back"
+        log.info("stage %d of %d: %s, %s, %s", self.rank, self.world, where, targets, self.backend)
+        if self.rank == 0:
+            self._start_record(run, restored)
+        if start in self.report_set:  # a resumed run measures where it starts: every stage reports
+            self._report(start, {})
+        # Rank 0 shows the run's progress: a bar on a terminal, else a line every so many steps.
+        mine = self.rank == 0
+        bar = Progress(
+            self.total, start, self.trainer.progress and mine, self.trainer.progress_every if mine else 0
+        )
+        self.method.train()
+        try:
+            with run.ending(lambda: self.step):
+                try:
+                    self._steps(run, bar)
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `StopSignals(at_once=True)`
+                    raise self._interrupted(run, signals.signum or signal.SIGINT) from None
+                except PipelineError:
+                    if signals.arrives(_SIGNAL_GRACE_S):
+                        # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
+                        raise self._interrupted(run, signals.signum) from None
+                    raise
+                log.info("%s", where_time_went(self.rank, stage, self.clock.total))
+                if self.record is not None:
+                    return run.summary("completed", self.step)
+                return {
+                    "status": "completed",
+                    "steps": self.step,
+                    "test_error": None,
+                    **shares(self.clock.total),
+                }
+        finally:
+            bar.close()
+
+    def _begin(
+        self,
+        out_dir: Path,
+        scheduler: Callable | None,
+        hparams: dict[str, Any] | None,
+        resume: str | os.PathLike | None,
+    ) -> tuple[Run, dict[str, Any] | None]:
+        """This rank's `Run`, begun from the checkpoint every rank agrees on (see
+        `_agreed_checkpoint`), whose part for this stage is loaded; and its state, or None."""
+        info = info_of(self.method, self.data)
+        signature = {
+            **info,
+            "architecture": architecture(self.stage.parts()),
+            "stage": f"{self.rank} of {self.world}",
+            "boundaries": self.boundaries,
+        }
+        settings = {
+            "stages": self.world,
+            "boundaries": self.boundaries,
+            "staleness": self.staleness,
+            "backend": self.backend if self.world > 1 else "local",
+        }
+        run = Run(
+            out_dir,
+            info,
+            self.total,
+            signature,
+            self.trainer.checkpoint_every,
+            # Ranks are at most one checkpoint apart when one dies: two kept always share one.
+            max(2, self.trainer.keep_checkpoints),
+            records=self.rank == 0,
+            shard=None if self.rank == 0 else f"stage{self.rank}",
+            fields={"parallel": settings},
+            batches=self.data.batches(self.trainer.batch_size, self.trainer.seed),
+            schedulers=[scheduler(o) for o in self.stage.optimizers()] if scheduler else [],
+            data=self.data,
+        )
+        found = _agreed_checkpoint(resume, run, self.world, self.device)
+        if found is not None:
+            self.stage.load_state_dict(found[1]["stage"])
+        return run, run.begin(found, hparams)
+
+    def _start_record(self, run: Run, restored: dict[str, Any] | None) -> None:
+        """Rank 0's record of the run (`reports.Record`), as the checkpoint left it."""
+        schedule = {
+            "steps": self.report_steps,
+            "logged": self.logged,
+            "eval_steps": self.eval_steps,
+            "diagnostics": self.diagnosed - {0},
+        }
+        self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
+        if restored:
+            self.record.load_state_dict(restored["record"])
+        if run.start in self.diagnosed:
+            self.record.diagnose(run.start, _peek(run.batches))
+
+    def _interrupted(self, run: Run, signum: int) -> Interrupted:
+        return Interrupted(
+            signum, self.step, str(run.out_dir), saved=False, last_checkpoint=run.last_checkpoint
+        )
 
     def _schedule(self, start: int) -> None:
         """The steps from `start` whose reports rank 0 writes: each `log_every` and `eval_every`
@@ -338,7 +406,7 @@ class _StageRun:
         self.weights = {s: "blocks" for s in self.eval_steps}
         self.weights.update({s: "full" for s in self.diagnosed - {0}})
 
-    def _links(self, backend: str, start: int) -> None:
+    def _links(self, start: int) -> None:
         k, stage = self.rank, self.stage
         self.inputs = self.targets_in = None  # inboxes
         self.activations = self.targets_out = self.reports_out = None  # outboxes
@@ -346,7 +414,7 @@ class _StageRun:
         if self.world == 1:
             return
         backward = stage.sends_targets  # DGL sends nothing back: no target links at all
-        groups = pair_groups(self.world, backend, self.timeout, targets=backward)
+        groups = pair_groups(self.world, self.backend, self.timeout, targets=backward)
         shapes = self.method.model.activation_shapes()
         depth = self.staleness + 2  # messages queued for sending before `send` waits
 
@@ -386,14 +454,6 @@ class _StageRun:
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
 
     # -- checkpoints --------------------------------------------------------------------
-    def _resume(self, run: Run, resume: str | os.PathLike | None) -> dict[str, Any] | None:
-        """Load the checkpoint every rank agrees on (see `_agreed_checkpoint`) into this rank's
-        stage, and start `run` from it."""
-        found = _agreed_checkpoint(resume, run, self.world, self.device)
-        if found is not None:
-            self.stage.load_state_dict(found[1]["stage"])
-        return run.begin(found, self.hparams)
-
     def _save(self, run: Run, step: int) -> None:
         """This rank's part of the checkpoint of `step`. Every target of the stage's batches has
         been used (the schedule waits for them at a checkpoint step, as at the last), so the
@@ -406,150 +466,55 @@ class _StageRun:
                 self.record.collect(block=True, through=step)
             record = self.record.state_dict() if self.record is not None else None
             run.save(step, {"stage": self.stage.state_dict(), "record": record})
-        self.last_checkpoint = step
 
-    # -- the schedule -------------------------------------------------------------------
-    def train(
-        self,
-        out_dir: Path,
-        scheduler: Callable | None,
-        hparams: dict[str, Any] | None,
-        signals: _Signals,
-        resume: str | os.PathLike | None = None,
-    ) -> dict[str, Any]:
-        stage, clock, method = self.stage, self.clock, self.method
-        info = {"method": method.name, "model": method.model.name, "dataset": self.data.name}
-        parts = [tuple(p.shape) for p in stage.parts().parameters()]
-        signature = {
-            **info,
-            "architecture": f"{len(parts)} tensors, {sum(torch.Size(s).numel() for s in parts)} parameters",
-            "stage": f"{self.rank} of {self.world}",
-            "boundaries": self.settings["boundaries"],
-        }
-        schedulers = [scheduler(o) for o in stage.optimizers()] if scheduler else []
-        batches = self.data.batches(self.trainer.batch_size, self.trainer.seed)
-        run = Run(
-            out_dir,
-            info,
-            self.total,
-            signature,
-            self.trainer.checkpoint_every,
-            # Ranks are at most one checkpoint apart when one dies: two kept always share one.
-            max(2, self.trainer.keep_checkpoints),
-            records=self.rank == 0,
-            shard=None if self.rank == 0 else f"stage{self.rank}",
-            fields={"parallel": self.settings},
-            batches=batches,
-            schedulers=schedulers,
-            data=self.data,
-        )
-        self.hparams = hparams
-        restored = self._resume(run, resume)
-        start = self.last_checkpoint = run.start
-        self._schedule(start)
-        self._links(self.backend, start)
-        head = " and the head" if stage.last else ""
-        where = f"blocks {stage.start + 1}-{stage.end}{head}"
-        targets = f"staleness bound {self.staleness}" if stage.sends_targets else "no targets sent back"
-        log.info("stage %d of %d: %s, %s, %s", self.rank, self.world, where, targets, self.backend)
-        if self.rank == 0:
-            schedule = {
-                "steps": self.report_steps,
-                "logged": self.logged,
-                "eval_steps": self.eval_steps,
-                "diagnostics": self.diagnosed - {0},
-            }
-            self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
-            if restored:
-                self.record.load_state_dict(restored["record"])
-            if start in self.diagnosed:
-                self.record.diagnose(start, _peek(batches))
-        if start in self.report_set:  # a resumed run measures where it starts: every stage reports
-            self._report(start, {})
+    # -- the stage's loop ---------------------------------------------------------------
+    def _steps(self, run: Run, bar: Progress) -> None:
+        """Train this stage from `run.start` to the last step, then deliver what is in flight."""
+        stage, clock, batches = self.stage, self.clock, run.batches
         pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
         self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
-        # Rank 0 shows the run's progress: a bar on a terminal, else a line every so many steps.
-        mine = self.rank == 0
-        bar = Progress(
-            self.total, start, self.trainer.progress and mine, self.trainer.progress_every if mine else 0
-        )
-        method.train()
-        step = start
-        try:
-            with run.ending(lambda: step):
-                try:
-                    for t in range(start, self.total):
-                        x, y = next(batches)  # the same stream on every rank: labels need no sending
-                        labels = stage.labels(x, y)
-                        predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
-                        if stage.first:
-                            h = x
-                        else:
-                            with clock.waiting("wait_input"):
-                                h = self.inputs.get()
-                            if stage.sends_targets:
-                                h.requires_grad_()  # its gradient is the target of the stage below
-                        out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
-                        for s in schedulers:
-                            s.step()
-                        method.guard.end_step()
-                        if not stage.last:
-                            with clock.waiting("send"):
-                                self.activations.send(out)
-                            if self.targets_in is not None:
-                                pending.append((t, out, labels, self.regressions))
-                        # At a checkpoint step (and the last) every target must be in: a whole state.
-                        self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
-                        clock.window["samples"] += len(x)
-                        step = t + 1
-                        bar.update(step, metrics, len(x))
-                        if step in self.report_set:
-                            self._report(step, metrics)
-                        if self.record is not None and step in self.diagnosed:
-                            self.record.diagnose(step, _peek(batches))  # the batch of the next step
-                        if run.due(step):
-                            self._save(run, step)
-                        if self.record is not None:
-                            with clock.aside():
-                                self.record.collect(block=False)
-                    for outbox in (self.activations, self.targets_out, self.reports_out):
-                        if outbox is not None:
-                            outbox.flush()
-                    if self.record is not None:
-                        self.record.collect(block=True)
-                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `_Signals`
-                    raise self._interrupted(signals.signum or signal.SIGINT, step, out_dir) from None
-                except PipelineError:
-                    if signals.arrives(_SIGNAL_GRACE_S):
-                        # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
-                        raise self._interrupted(signals.signum, step, out_dir) from None
-                    raise
-                mine = shares(clock.total)
-                waits = f"waiting for input {100 * mine['wait_input_share']:.0f}%"
-                late = ""
+        for t in range(run.start, self.total):
+            x, y = next(batches)  # the same stream on every rank: labels need no sending
+            labels = stage.labels(x, y)
+            predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
+            if stage.first:
+                h = x
+            else:
+                with clock.waiting("wait_input"):
+                    h = self.inputs.get()
                 if stage.sends_targets:
-                    waits += f", for targets {100 * mine['wait_target_share']:.0f}%"
-                    late = f"; targets {mine.get('staleness_mean', 0.0):.2f} batches late on average"
-                log.info(
-                    "stage %d: %.0f samples/s; computing %.0f%%, %s, sending %.0f%%, checkpoints %.1f%%%s",
-                    self.rank,
-                    mine["samples_per_s"],
-                    100 * mine["compute_share"],
-                    waits,
-                    100 * mine["send_share"],
-                    100 * mine["checkpoint_share"],
-                    late,
-                )
-                if self.record is not None:
-                    return run.summary("completed", step)
-                return {"status": "completed", "steps": step, "test_error": None, **mine}
-        finally:
-            bar.close()
-
-    def _interrupted(self, signum: int, step: int, out_dir: Path) -> Interrupted:
-        return Interrupted(signum, step, str(out_dir), saved=False, last_checkpoint=self.last_checkpoint)
+                    h.requires_grad_()  # its gradient is the target of the stage below
+            out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
+            run.step_schedulers()
+            self.method.guard.end_step()
+            if not stage.last:
+                with clock.waiting("send"):
+                    self.activations.send(out)
+                if self.targets_in is not None:
+                    pending.append((t, out, labels, self.regressions))
+            # At a checkpoint step (and the last) every target must be in: a whole state.
+            self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
+            clock.window["samples"] += len(x)
+            self.step = t + 1
+            bar.update(self.step, metrics, len(x))
+            if self.step in self.report_set:
+                self._report(self.step, metrics)
+            if self.record is not None and self.step in self.diagnosed:
+                self.record.diagnose(self.step, _peek(batches))  # the batch of the next step
+            if run.due(self.step):
+                self._save(run, self.step)
+            if self.record is not None:
+                with clock.aside():
+                    self.record.collect(block=False)
+        for outbox in (self.activations, self.targets_out, self.reports_out):
+            if outbox is not None:
+                outbox.flush()
+        if self.record is not None:
+            self.record.collect(block=True)
 
     def _target_sender(self, h: Tensor) -> Callable[[Tensor | None], None] | None:
+        """What sends the gradient of `h` (this step's input) to the stage below as its target;
+        None where nothing is sent back."""
         if self.targets_out is None:
             return None
 
@@ -577,6 +542,8 @@ class _StageRun:
             self.clock.delay(t - batch)
 
     def _report(self, step: int, metrics: dict[str, Tensor]) -> None:
+        """This stage's report of `step` (see `reports.encode`): to the record on rank 0, else
+        sent there."""
         self.method.guard.check(step)  # the checks a step deferred (DGL's), read here in one go
         with self.clock.aside():
             raw = self.clock.close_window(self.method.guard.skipped)

@@ -42,8 +42,9 @@ RAW = (
 )
 
 
-class Clock:
-    """Where a stage's time goes within one report window, and in total."""
+class StageClock:
+    """Where a stage's time goes within one report window, and in total (the run's own wall
+    time and throughput are `dni.run.Clock`'s)."""
 
     def __init__(self) -> None:
         self.window = dict.fromkeys(RAW, 0.0)
@@ -71,6 +72,7 @@ class Clock:
             self.excluded += time.perf_counter() - began
 
     def delay(self, batches: int) -> None:
+        """A target was used `batches` batches after its own (its staleness)."""
         self.window["delay_sum"] += batches
         self.window["delay_count"] += 1
         self.window["delay_max"] = max(self.window["delay_max"], batches)
@@ -89,6 +91,7 @@ class Clock:
 
 
 def accumulate(total: dict[str, float], window: dict[str, float]) -> None:
+    """Add one window's raw measurements to `total`."""
     for key in RAW:
         if key == "delay_max":
             total[key] = max(total[key], window[key])
@@ -117,6 +120,21 @@ def shares(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def where_time_went(rank: int, stage: Stage, raw: dict[str, float]) -> str:
+    """Where the time of stage `rank` went over the run, in a line for its log."""
+    mine = shares(raw)
+    waits = f"waiting for input {100 * mine['wait_input_share']:.0f}%"
+    late = ""
+    if stage.sends_targets:
+        waits += f", for targets {100 * mine['wait_target_share']:.0f}%"
+        late = f"; targets {mine.get('staleness_mean', 0.0):.2f} batches late on average"
+    return (
+        f"stage {rank}: {mine['samples_per_s']:.0f} samples/s; computing {100 * mine['compute_share']:.0f}%, "
+        f"{waits}, sending {100 * mine['send_share']:.0f}%, checkpoints {100 * mine['checkpoint_share']:.1f}%"
+        f"{late}"
+    )
+
+
 def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: str | None) -> Tensor:
     """A stage's report: raw measurements, its scalars (NaN when missing), and its weights if
     asked: "blocks" (for evaluation), or "full" (with the synthesizers', for diagnostics)."""
@@ -132,7 +150,8 @@ def encode(stage: Stage, raw: list[float], scalars: dict[str, Tensor], weights: 
 
 
 def report_buffers(stage: Stage, steps: list[int], weights: dict[int, str]) -> Callable[[int], Tensor]:
-    """Allocates the buffer for report i of `stage` (see `encode`; `weights` by step)."""
+    """What allocates the buffer for report i of `stage`, which rank 0 receives into (see
+    `encode`; `weights`: what weights the report of a step carries)."""
     device = next(stage.method.model.parameters()).device
     size = len(RAW) + len(stage.report_keys())
     sizes = [size + (stage.state_size(weights[s] == "full") if s in weights else 0) for s in steps]
@@ -163,7 +182,8 @@ class Record:
         self.steps, self.logged = schedule["steps"], schedule["logged"]
         self.eval_steps, self.diagnostics = schedule["eval_steps"], schedule["diagnostics"]
         method = stages[0].method
-        self.lr = method.optimizers[0].param_groups[0]
+        # Its learning rate is logged as `train/lr`, as one process logs the first optimiser's.
+        self.lr_group = method.optimizers[0].param_groups[0]
         # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
         self.assembled = copy.deepcopy(method)
         self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
@@ -220,7 +240,7 @@ class Record:
             self.written += 1
 
     def _write(self, step: int, vectors: dict[int, Tensor]) -> None:
-        scalars: dict[str, float] = {"train/lr": self.lr["lr"]}
+        scalars: dict[str, float] = {"train/lr": self.lr_group["lr"]}
         for k, stage in enumerate(self.stages):
             vector = vectors[k].cpu()
             raw = dict(zip(RAW, vector[: len(RAW)].tolist()))
