@@ -484,7 +484,9 @@ def test_two_gloo_processes_learn_mnist(tmp_path):
     for stage in (0, 1):
         assert logged[f"pipeline/stage{stage}/samples_per_s"][-1][1] > 0
     assert 0 <= logged["pipeline/stage0/staleness_max"][-1][1] <= 1
-    assert (run / ".hydra" / "config.yaml").is_file() and "stage 1 of 2" in result.stdout + result.stderr
+    assert (
+        run / ".hydra" / "config.yaml"
+    ).is_file() and "stage 1 of 2: blocks 2-3 and the head," in result.stdout + result.stderr
 
 
 # -- failure --------------------------------------------------------------------------------

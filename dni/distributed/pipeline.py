@@ -289,7 +289,12 @@ class _StageRun:
         self._schedule(start)
         self._links(start)
         stage = self.stage
-        where = f"blocks {stage.start + 1}-{stage.end}" + (" and the head" if stage.last else "")
+        first, last = (
+            stage.start + 1,
+            stage.end - 1 if stage.last else stage.end,
+        )  # the head is the last block
+        where = f"block {first}" if first == last else f"blocks {first}-{last}"
+        where = "the head" if last < first else where + (" and the head" if stage.last else "")
         targets = f"staleness bound {self.staleness}" if stage.sends_targets else "no targets sent back"
         log.info("stage %d of %d: %s, %s, %s", self.rank, self.world, where, targets, self.backend)
         if self.rank == 0:
