@@ -78,6 +78,24 @@ def test_transformer_learns_tiny_shakespeare(variant, bound, tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_two_pipeline_stages_run_dgl_from_the_command_line(tmp_path):
+    """`torchrun -m dni method=dgl parallel=pipeline`, as the README launches it: each stage trains
+    its blocks from their own auxiliary classifiers, and nothing travels back."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "dni", "method=dgl", "parallel=pipeline", "dataset=synthetic", "dataset.num_train=256"]
+    command += ["dataset.num_test=64", "trainer.steps=6", "trainer.batch_size=16", "trainer.eval_every=6"]
+    command += ["device=cpu", f"hydra.run.dir={tmp_path}/runs/${{now:%H-%M-%S-%f}}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 6 and metrics["method"] == "dgl"
+    assert metrics["parallel"]["stages"] == 2
+    assert "no targets sent back" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_two_pipeline_stages_run_the_resnet(tmp_path):
     """`torchrun -m dni`, 2 stages of experiment=resnet_mnist's ResNet with cDNI on tiny synthetic data:
     feature maps cross the stage boundary and the run completes."""
