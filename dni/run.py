@@ -2,7 +2,8 @@
 clock, its checkpoints and how it resumes, and what is written when it stops.
 
 `Trainer.fit` (one process) and every stage of a pipeline (`dni.distributed`, one process per
-stage) train through a `Run`: the loop says what a step is; the run says where it is written,
+stage) train through a `Run` and the one loop, `Trainer.loop`: the loop steps, what it drives
+(`dni.training.Steps`) says what a step is, and the run says where it is written,
 when it is saved, what a resumed run starts from, how its learning-rate schedules step, how a
 stop signal reaches it (`StopSignals`) and how an end is recorded, the same way for both. In a
 pipeline every rank saves its own part of each checkpoint and rank 0 alone writes the record
@@ -76,7 +77,7 @@ class Run:
         self.out_dir, self.info, self.total, self.signature = Path(out_dir), dict(info), total, signature
         self.checkpoint_every, self.keep, self.records, self.shard = checkpoint_every, keep, records, shard
         self.fields = dict(fields or {})
-        self.start = 0
+        self.start = self.step = 0  # where the run began, and the steps done so far
         self.last_checkpoint: int | None = None  # the step of the newest checkpoint this run holds
         self.tracker: Tracker | None = None
         self.clock = Clock()
@@ -96,7 +97,7 @@ class Run:
         restored = found[1] if found is not None else None
         if restored is not None:
             self._load_stream(found[0], restored)
-            self.start = self.last_checkpoint = restored["step"]
+            self.start = self.step = self.last_checkpoint = restored["step"]
             checkpoint.set_rng_state(restored["rng"])
             log.info("resuming from %s at step %d", found[0], self.start)
         self.clock = Clock(restored.get("clock") if restored else None)
@@ -194,20 +195,20 @@ class Run:
         )
 
     @contextmanager
-    def ending(self, step: Callable[[], int]) -> Iterator[None]:
-        """Record how the run ends when the block raises (`step()`: the steps done by then):
+    def ending(self) -> Iterator[None]:
+        """Record how the run ends when the block raises, at the steps done by then (`step`):
         "diverged" with where, "interrupted", or "failed" with the error; a full disk becomes
         one sentence naming the folder. The record is closed on the way out, whatever happens."""
         try:
             yield
         except Divergence as divergence:
             if divergence.step is None:  # a deferred check names the step it went bad at
-                divergence.at_step(step() + 1)
+                divergence.at_step(self.step + 1)
             where = {"step": divergence.step, "quantity": divergence.quantity, "where": divergence.where}
-            self._record("diverged", step(), divergence=where)
+            self._record("diverged", self.step, divergence=where)
             raise
         except Interrupted as interrupted:
-            self._record("interrupted", step(), error=str(interrupted))
+            self._record("interrupted", self.step, error=str(interrupted))
             raise
         except Exception as error:
             full = (
@@ -220,7 +221,7 @@ class Run:
                 )
             if getattr(error, "record", True):  # not a folder that is another run's
                 message = str(error) if isinstance(error, DNIError) else f"{type(error).__name__}: {error}"
-                self._record("failed", step(), error=message)
+                self._record("failed", self.step, error=message)
             if full:
                 raise error from None
             raise

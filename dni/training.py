@@ -1,9 +1,10 @@
-"""The one training loop, for every learning rule.
+"""The one training loop, for every learning rule and every way of running it.
 
-It knows methods only through `Method`: `step` on a batch, `diagnostics` on a schedule,
-`eval_models` to test, and `state_dict` to checkpoint. Everything a run writes goes to
-`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`, through the `dni.run.Run`
-every way of training keeps (the pipeline's stages too).
+`Trainer.loop` steps a run from where it stands to its budget, and drives a `Steps`: the
+whole method in one process (`Trainer.fit`, which knows methods only through `Method`: `step`
+on a batch, `diagnostics` on a schedule, `eval_models` to test, and `state_dict` to
+checkpoint), or one stage of a pipeline (`dni.distributed`). Everything a run writes goes to
+`out_dir`: TensorBoard events, `metrics.json`, and `checkpoints/`, through its `dni.run.Run`.
 """
 
 from __future__ import annotations
@@ -158,65 +159,126 @@ class Trainer:
         if found is not None:
             method.load_state_dict(found[1]["method"])
         run.begin(found, hparams, hparams_columns)
-        tracker, clock = run.tracker, run.clock
+        clock = run.clock
         run.measures = lambda: {
             "samples_per_s": clock.samples / max(clock.train_time, 1e-9),
             "data_time_share": clock.data_time / max(clock.train_time, 1e-9),
             "skipped_updates": method.guard.skipped,
         }
-        eval_models = method.eval_models()
-
-        def save(step: int) -> None:
-            method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
-            run.save(step, {"method": method.state_dict()})
-
+        bar = Progress(total, run.start, self.progress, self.progress_every)
+        steps = _OneProcess(self, method, data, run, bar)
         if self.compile:
             method.compile()
         method.train()
-        bar = Progress(total, run.start, self.progress, self.progress_every)
-        step, window_start, window_samples = run.start, time.perf_counter(), 0
         try:
-            with run.ending(lambda: step):
-                while step < total:
-                    if stop.signum is not None:  # between steps the state is whole: resume is exact
-                        save(step)
-                        raise Interrupted(stop.signum, step, str(out_dir))
-                    began = time.perf_counter()
-                    x, y = next(batches)
-                    fetched = time.perf_counter()
-                    if self.diagnostics_every and step % self.diagnostics_every == 0:
-                        tracker.scalars(method.diagnostics(x, y), step + 1)
-                    measured = time.perf_counter()  # measurements do not count as training time
-                    metrics = method.step(x, y)
-                    run.step_schedulers()
-                    method.guard.end_step()
-                    step += 1
-                    clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
-                    window_samples += len(x)
-                    bar.update(step, metrics, len(x))
-
-                    if step % self.log_every == 0 or step == total:
-                        method.guard.check(step)  # the checks a step deferred, read here in one go
-                        values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
-                        values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
-                        values["train/samples_per_s"] = window_samples / (time.perf_counter() - window_start)
-                        tracker.scalars(values, step)
-                        bar.set_postfix(
-                            loss=f"{values['train/loss']:.4f}", sps=f"{values['train/samples_per_s']:.0f}"
-                        )
-                        window_start, window_samples = time.perf_counter(), 0
-                    if step % self.eval_every == 0 or step == total:
-                        results = {}
-                        for prefix, model in eval_models.items():
-                            results.update({f"{prefix}/{k}": v for k, v in data.evaluate(model).items()})
-                        run.evaluated(step, results)
-                        method.train()
-                        window_start = time.perf_counter()  # evaluation is not training throughput
-                    if run.due(step):
-                        save(step)
-                return run.summary("completed", step)
+            with run.ending():
+                self.loop(run, steps, stop, bar)
+                return run.summary("completed", run.step)
         finally:
             bar.close()
+
+    # -- the schedule: a function of the step alone, so every process of a run agrees --------
+    def logs(self, step: int, total: int) -> bool:
+        """Whether the training metrics of `step` are written."""
+        return step % self.log_every == 0 or step == total
+
+    def evaluates(self, step: int, total: int) -> bool:
+        """Whether the test split is evaluated after `step`."""
+        return step % self.eval_every == 0 or step == total
+
+    def measures(self, step: int, total: int) -> bool:
+        """Whether gradient fidelity is measured after `step`, on the next step's batch."""
+        return bool(self.diagnostics_every) and step % self.diagnostics_every == 0 and step < total
+
+    def loop(self, run: Run, steps: Steps, stop: StopSignals, bar: Progress) -> None:
+        """The one training loop, from `run.step` to the budget: one process and every pipeline
+        stage alike. What a step is, and what is written after it, is `steps`'s; the batch
+        stream, the schedules, the clock, the progress and the checkpoint steps are the loop's."""
+        while run.step < run.total:
+            if stop.signum is not None:  # between steps the state is whole: resume is exact
+                steps.save(run.step)
+                raise Interrupted(stop.signum, run.step, str(run.out_dir))
+            began = time.perf_counter()
+            x, y = next(run.batches)
+            fetched = time.perf_counter()
+            if self.measures(run.step, run.total):
+                steps.measure(run.step, (x, y))
+            measured = time.perf_counter()  # measurements do not count as training time
+            metrics = steps.train(run.step, x, y)
+            run.step_schedulers()
+            steps.method.guard.end_step()
+            run.step += 1
+            run.clock.add(fetched - began, time.perf_counter() - measured + fetched - began, len(x))
+            bar.update(run.step, metrics, len(x))
+            steps.after(run.step, metrics)
+            if run.due(run.step):
+                steps.save(run.step)
+        steps.finish()
+
+
+class Steps(Protocol):
+    """What `Trainer.loop` drives: the whole method in one process (`Trainer.fit`), or one
+    stage of a pipeline (`dni.distributed.pipeline`). `t` counts the steps done before."""
+
+    method: Method
+
+    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Measure gradient fidelity after `t` steps, on the batch of step `t + 1`."""
+
+    def train(self, t: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Train step `t + 1` on the batch `(x, y)`; return its scalars."""
+
+    def after(self, step: int, metrics: dict[str, Tensor]) -> None:
+        """Write what the schedule asks for after `step` (training metrics, test metrics)."""
+
+    def save(self, step: int) -> None:
+        """Save the checkpoint of `step`."""
+
+    def finish(self) -> None:
+        """After the last step: deliver what is still in flight."""
+
+
+class _OneProcess:
+    """The whole method trained in this process: `Method.step` on every batch, its record
+    written here."""
+
+    def __init__(self, trainer: Trainer, method: Method, data: Task, run: Run, bar: Progress):
+        self.trainer, self.method, self.data, self.run, self.bar = trainer, method, data, run, bar
+        self.eval_models = method.eval_models()
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+        self.run.tracker.scalars(self.method.diagnostics(*batch), t + 1)
+
+    def train(self, t: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.window_samples += len(x)
+        return self.method.step(x, y)
+
+    def after(self, step: int, metrics: dict[str, Tensor]) -> None:
+        run, method = self.run, self.method
+        if self.trainer.logs(step, run.total):
+            method.guard.check(step)  # the checks a step deferred, read here in one go
+            values = {(k if "/" in k else f"train/{k}"): v.item() for k, v in metrics.items()}
+            values["train/lr"] = method.optimizers[0].param_groups[0]["lr"]
+            sps = self.window_samples / (time.perf_counter() - self.window_start)
+            values["train/samples_per_s"] = sps
+            run.tracker.scalars(values, step)
+            self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", sps=f"{sps:.0f}")
+            self.window_start, self.window_samples = time.perf_counter(), 0
+        if self.trainer.evaluates(step, run.total):
+            results = {}
+            for prefix, model in self.eval_models.items():
+                results.update({f"{prefix}/{k}": v for k, v in self.data.evaluate(model).items()})
+            run.evaluated(step, results)
+            method.train()
+            self.window_start = time.perf_counter()  # evaluation is not training throughput
+
+    def save(self, step: int) -> None:
+        self.method.guard.check(step)  # no checkpoint of a run that has diverged since the last read
+        self.run.save(step, {"method": self.method.state_dict()})
+
+    def finish(self) -> None:
+        pass
 
 
 class Progress:

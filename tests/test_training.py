@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dni.cli.report import collect
 from dni.cli.train import run
+from dni.errors import Interrupted
+from dni.guard import Guard
+from dni.run import Run
 from dni.tracking import read_metrics
+from dni.training import Progress, Trainer
 from tests.helpers import assert_below, compose_config, read_scalars, run_cli
 
 FAST = ["trainer.progress=false", "device=cpu"]
@@ -79,3 +87,61 @@ def test_missing_data_offline_is_one_sentence_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "DNI_DATA_ROOT" in result.stderr
     assert read_metrics(tmp_path / "run")["status"] == "failed"
+
+
+class _Recorder:
+    """A `dni.training.Steps` that records what the loop asks of it, in order."""
+
+    def __init__(self) -> None:
+        self.method = SimpleNamespace(guard=Guard())
+        self.calls: list[tuple] = []
+
+    def measure(self, t, batch):
+        self.calls.append(("measure", t, int(batch[0])))
+
+    def train(self, t, x, y):
+        self.calls.append(("train", t, int(x)))
+        return {}
+
+    def after(self, step, metrics):
+        self.calls.append(("after", step))
+
+    def save(self, step):
+        self.calls.append(("save", step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def _loop(tmp_path, steps: _Recorder, start: int = 0, signum: int | None = None) -> None:
+    """`Trainer.loop` over 6 steps from `start` (batch i is the tensor i), measuring every 2 steps
+    and saving every 3; with `signum`, a stop signal that has already come."""
+    batches = ((torch.tensor([i]), torch.tensor([i])) for i in itertools.count(start))
+    run = Run(tmp_path, {}, 6, {}, checkpoint_every=3, keep=1, records=False, batches=batches)
+    run.start = run.step = start
+    stop = SimpleNamespace(signum=signum)
+    Trainer(steps=6, diagnostics_every=2).loop(run, steps, stop, Progress(6, start, bar=False, every=0))
+
+
+def test_the_one_loop_measures_before_a_step_writes_after_it_and_saves_last(tmp_path):
+    """The order every way of running relies on: a measurement on the batch of the step about to
+    run (never after the last), then the step, what is written after it, and a checkpoint at
+    the checkpoint steps, after what was written; a resumed run goes on from its step."""
+    _loop(tmp_path, fresh := _Recorder())
+    assert fresh.calls == [
+        ("measure", 0, 0), ("train", 0, 0), ("after", 1),
+        ("train", 1, 1), ("after", 2),
+        ("measure", 2, 2), ("train", 2, 2), ("after", 3), ("save", 3),
+        ("train", 3, 3), ("after", 4),
+        ("measure", 4, 4), ("train", 4, 4), ("after", 5),
+        ("train", 5, 5), ("after", 6), ("save", 6),
+        ("finish",),
+    ]  # fmt: skip
+    _loop(tmp_path, resumed := _Recorder(), start=3)
+    assert resumed.calls == fresh.calls[9:]
+
+
+def test_a_stop_signal_saves_where_the_run_stands_and_trains_no_further(tmp_path):
+    with pytest.raises(Interrupted) as stopped:
+        _loop(tmp_path, steps := _Recorder(), start=4, signum=signal.SIGTERM)
+    assert steps.calls == [("save", 4)] and "at step 4; a checkpoint is saved" in str(stopped.value)

@@ -143,7 +143,7 @@ class Pipeline:
         try:
             with hold(out_dir, lock=rank == 0, stop_at_once=True) as signals:
                 run = _StageRun(self, method, data, trainer, rank, world, boundaries, backend)
-                result = run.train(out_dir, scheduler, hparams, signals, resume)
+                result = run.fit(out_dir, scheduler, hparams, signals, resume)
         except BaseException as error:
             # Its links may still be blocked on live peers: see `links._leave_at_once`.
             mark_failed(getattr(error, "exit_code", 1))
@@ -251,7 +251,8 @@ def _agree_on_folder(out_dir: Path, rank: int) -> Path:
 
 class _StageRun:
     """One rank's part of one run: its stage, its links, its schedule and its checkpoints (rank
-    0 also keeps the record). `train` is the whole of it; `_steps` is the stage's loop."""
+    0 also keeps the record). `fit` is the whole of it; the steps are `Trainer.loop`'s, as in
+    one process, and this is what the loop drives (`dni.training.Steps`)."""
 
     def __init__(
         self,
@@ -273,10 +274,9 @@ class _StageRun:
         self.device = next(method.model.parameters()).device
         self.clock = StageClock()
         self.record: Record | None = None
-        self.step = 0  # the steps done: what an end is recorded at
 
     # -- the run ------------------------------------------------------------------------
-    def train(
+    def fit(
         self,
         out_dir: Path,
         scheduler: Callable | None,
@@ -285,7 +285,7 @@ class _StageRun:
         resume: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
         run, restored = self._begin(out_dir, scheduler, hparams, resume)
-        start = self.step = run.start
+        self.run, start = run, run.start
         self._schedule(start)
         self._links(start)
         stage = self.stage
@@ -307,10 +307,12 @@ class _StageRun:
             self.total, start, self.trainer.progress and mine, self.trainer.progress_every if mine else 0
         )
         self.method.train()
+        self.pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
+        self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
         try:
-            with run.ending(lambda: self.step):
+            with run.ending():
                 try:
-                    self._steps(run, bar)
+                    self.trainer.loop(run, self, signals, bar)
                 except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `StopSignals(at_once=True)`
                     raise self._interrupted(run, signals.signum or signal.SIGINT) from None
                 except PipelineError:
@@ -320,10 +322,10 @@ class _StageRun:
                     raise
                 log.info("%s", where_time_went(self.rank, stage, self.clock.total))
                 if self.record is not None:
-                    return run.summary("completed", self.step)
+                    return run.summary("completed", run.step)
                 return {
                     "status": "completed",
-                    "steps": self.step,
+                    "steps": run.step,
                     "test_error": None,
                     **shares(self.clock.total),
                 }
@@ -383,12 +385,10 @@ class _StageRun:
         self.record = Record(run, self.stages, self.data, schedule, self.report_inboxes)
         if restored:
             self.record.load_state_dict(restored["record"])
-        if run.start in self.diagnosed:
-            self.record.diagnose(run.start, _peek(run.batches))
 
     def _interrupted(self, run: Run, signum: int) -> Interrupted:
         return Interrupted(
-            signum, self.step, str(run.out_dir), saved=False, last_checkpoint=run.last_checkpoint
+            signum, run.step, str(run.out_dir), saved=False, last_checkpoint=run.last_checkpoint
         )
 
     def _schedule(self, start: int) -> None:
@@ -398,16 +398,11 @@ class _StageRun:
         checkpoint's own measurement was logged at `start + 1`, which the resumed run purges),
         but not step 0, whose weights are every rank's initial ones."""
         trainer, total = self.trainer, self.total
-        every = trainer.diagnostics_every
-        self.diagnosed = {s for s in range(start, total) if every and s % every == 0}
-        self.logged = {
-            s
-            for s in range(start + 1, total + 1)
-            if s == total or s % trainer.log_every == 0 or s % trainer.eval_every == 0
-        }
+        self.diagnosed = {s for s in range(start, total) if trainer.measures(s, total)}
+        self.eval_steps = {s for s in range(start + 1, total + 1) if trainer.evaluates(s, total)}
+        self.logged = {s for s in range(start + 1, total + 1) if trainer.logs(s, total)} | self.eval_steps
         self.report_steps = sorted(self.logged | (self.diagnosed - {0}))
         self.report_set = set(self.report_steps)
-        self.eval_steps = {s for s in self.logged if s == total or s % trainer.eval_every == 0}
         self.weights = {s: "blocks" for s in self.eval_steps}
         self.weights.update({s: "full" for s in self.diagnosed - {0}})
 
@@ -458,8 +453,47 @@ class _StageRun:
             buffers = report_buffers(self.stages[j], self.report_steps, self.weights)
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
 
-    # -- checkpoints --------------------------------------------------------------------
-    def _save(self, run: Run, step: int) -> None:
+    # -- the steps `Trainer.loop` drives (`dni.training.Steps`) ---------------------------
+    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+        """Gradient fidelity is rank 0's: measured on the model assembled from every stage's
+        weights of step `t`, once they are in (`Record.diagnose`)."""
+        if self.record is not None:
+            self.record.diagnose(t, batch)
+
+    def train(self, t: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Step `t + 1` of this stage: its input (the batch, or the activation from the stage
+        below), its blocks trained at once, its output sent on, and every target that has come
+        back used; with more than `staleness` missing, wait for the oldest."""
+        stage, clock = self.stage, self.clock
+        labels = stage.labels(x, y)  # the same stream on every rank: labels need no sending
+        predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
+        if stage.first:
+            h = x
+        else:
+            with clock.waiting("wait_input"):
+                h = self.inputs.get()
+            if stage.sends_targets:
+                h.requires_grad_()  # its gradient is the target of the stage below
+        out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
+        if not stage.last:
+            with clock.waiting("send"):
+                self.activations.send(out)
+            if self.targets_in is not None:
+                self.pending.append((t, out, labels, self.regressions))
+        # At a checkpoint step (and the last) every target must be in: a whole state.
+        self._use_targets(t, 0 if self.run.due(t + 1) else self.staleness)
+        clock.window["samples"] += len(x)
+        return metrics
+
+    def after(self, step: int, metrics: dict[str, Tensor]) -> None:
+        """Report `step` to rank 0 when it is a report step; rank 0 writes what is complete."""
+        if step in self.report_set:
+            self._report(step, metrics)
+        if self.record is not None:
+            with self.clock.aside():
+                self.record.collect(block=False)
+
+    def save(self, step: int) -> None:
         """This rank's part of the checkpoint of `step`. Every target of the stage's batches has
         been used (the schedule waits for them at a checkpoint step, as at the last), so the
         stage's state depends on the batches up to `step` alone, and no message needs saving:
@@ -470,47 +504,10 @@ class _StageRun:
             if self.record is not None:
                 self.record.collect(block=True, through=step)
             record = self.record.state_dict() if self.record is not None else None
-            run.save(step, {"stage": self.stage.state_dict(), "record": record})
+            self.run.save(step, {"stage": self.stage.state_dict(), "record": record})
 
-    # -- the stage's loop ---------------------------------------------------------------
-    def _steps(self, run: Run, bar: Progress) -> None:
-        """Train this stage from `run.start` to the last step, then deliver what is in flight."""
-        stage, clock, batches = self.stage, self.clock, run.batches
-        pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
-        self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
-        for t in range(run.start, self.total):
-            x, y = next(batches)  # the same stream on every rank: labels need no sending
-            labels = stage.labels(x, y)
-            predicted = stage.unlock(x, labels)  # forward unlocking: before the input is here
-            if stage.first:
-                h = x
-            else:
-                with clock.waiting("wait_input"):
-                    h = self.inputs.get()
-                if stage.sends_targets:
-                    h.requires_grad_()  # its gradient is the target of the stage below
-            out, metrics = stage.run(h, x, y, labels, predicted, self._target_sender(h))
-            run.step_schedulers()
-            self.method.guard.end_step()
-            if not stage.last:
-                with clock.waiting("send"):
-                    self.activations.send(out)
-                if self.targets_in is not None:
-                    pending.append((t, out, labels, self.regressions))
-            # At a checkpoint step (and the last) every target must be in: a whole state.
-            self._use_targets(pending, t, 0 if run.due(t + 1) else self.staleness)
-            clock.window["samples"] += len(x)
-            self.step = t + 1
-            bar.update(self.step, metrics, len(x))
-            if self.step in self.report_set:
-                self._report(self.step, metrics)
-            if self.record is not None and self.step in self.diagnosed:
-                self.record.diagnose(self.step, _peek(batches))  # the batch of the next step
-            if run.due(self.step):
-                self._save(run, self.step)
-            if self.record is not None:
-                with clock.aside():
-                    self.record.collect(block=False)
+    def finish(self) -> None:
+        """Deliver what is in flight, and on rank 0 write every report still to come."""
         for outbox in (self.activations, self.targets_out, self.reports_out):
             if outbox is not None:
                 outbox.flush()
@@ -530,8 +527,9 @@ class _StageRun:
 
         return send
 
-    def _use_targets(self, pending: deque, t: int, bound: int) -> None:
+    def _use_targets(self, t: int, bound: int) -> None:
         """Use every target that has arrived; wait while more than `bound` are missing."""
+        pending = self.pending
         while pending:
             if len(pending) > bound:
                 with self.clock.waiting("wait_target"):
@@ -559,14 +557,6 @@ class _StageRun:
         else:
             with self.clock.waiting("send"):
                 self.reports_out.send(vector)
-
-
-def _peek(batches: Any) -> tuple[Tensor, Tensor]:
-    """The next batch of the stream, which stays where it was."""
-    state = batches.state_dict()
-    batch = next(batches)
-    batches.load_state_dict(state)
-    return batch
 
 
 def _gather(value: Any, world: int) -> list[Any]:

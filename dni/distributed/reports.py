@@ -187,6 +187,7 @@ class Record:
         # Assembled from the stages' weights of one step; until the first, all ranks' initial ones.
         self.assembled = copy.deepcopy(method)
         self.batches: dict[int, tuple[Tensor, Tensor]] = {}  # the batch each measurement is taken on
+        self.assembled_step: int | None = None  # a step written whose measurement awaits its batch
         self.arrived: dict[int, dict[int, Tensor]] = {}
         self.written = 0
         self.totals = [dict.fromkeys(RAW, 0.0) for _ in stages]
@@ -208,11 +209,14 @@ class Record:
         self.totals = [{**dict.fromkeys(RAW, 0.0), **t} for t in state["totals"]]
 
     def diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
-        """Measure after `step` on `batch` (the next one): now for step 0, whose weights are
-        every rank's initial ones; else once every stage's weights of that step are in (a
+        """Measure after `step` on `batch` (the next one), on the method assembled from every
+        stage's weights of that step: now for step 0, whose weights are every rank's initial
+        ones, and for a step already written (its weights stay assembled: no later step can be
+        written before rank 0 itself has trained and reported it); else once they are in (a
         resumed run's first step too: rank 0 holds only its own stage's)."""
-        if step == 0:
-            self._diagnose(0, batch)
+        if step == 0 or step == self.assembled_step:
+            self.assembled_step = None
+            self._diagnose(step, batch)
         else:
             self.batches[step] = batch
 
@@ -260,7 +264,10 @@ class Record:
             results = {f"test/{key}": v for key, v in self.data.evaluate(self.assembled.model).items()}
             self.run.evaluated(step, results)
         if step in self.diagnostics:
-            self._diagnose(step, self.batches.pop(step))
+            if step in self.batches:
+                self._diagnose(step, self.batches.pop(step))
+            else:  # written at its checkpoint, before the loop reached the next batch
+                self.assembled_step = step
 
     def _diagnose(self, step: int, batch: tuple[Tensor, Tensor]) -> None:
         """Gradient fidelity of the assembled method after `step`, logged at `step + 1` as one
