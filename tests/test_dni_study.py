@@ -321,19 +321,22 @@ def test_every_study_arm_runs_on_a_tiny_budget(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_dni_beats_no_bprop_and_dni_with_an_interface_below_the_classifier_at_depth_4(
+def test_shipped_dni_beats_no_bprop_its_own_control_and_an_interface_below_the_classifier_at_depth_4(
     mnist, tmp_path, monkeypatch
 ):
     """The study's headlines, pinned: DNI as shipped (`method=dni`, no overrides) trains the
     hidden blocks of an FCN-4 into something far better than leaving them at their initial
-    weights (before the study, DNI at depth 6 ended above No-Bprop: 35.4% against 27.8%), and
-    clearly better than with an interface directly below the classifier as well (H9)."""
+    weights (before the study, DNI at depth 6 ended above No-Bprop: 35.4% against 27.8%); its
+    synthetic gradients teach the blocks below the last one what the last one and the head
+    alone cannot (`+variant=last_block_only`); and it is clearly better than with an
+    interface directly below the classifier as well (H9)."""
     monkeypatch.setattr("dni.data.vision", lambda *a, **k: mnist)
     errors = {}
     for name, overrides in {
         "no_bprop": ["method=no_bprop"],
         "dni": ["method=dni"],
         "every_layer": ["method=dni", "method.top_interface=true"],
+        "last_block_only": ["method=dni", "method.p_update=0.0"],
     }.items():
         cfg = compose_config(
             *overrides,
@@ -350,6 +353,11 @@ def test_shipped_dni_beats_no_bprop_and_dni_with_an_interface_below_the_classifi
     assert_below(
         "DNI / DNI with an interface below the classifier, MNIST FCN-4, 800 steps",
         errors["dni"] / errors["every_layer"],
+        0.8,
+    )
+    assert_below(
+        "DNI / its blocks below the last frozen, MNIST FCN-4, 800 steps",
+        errors["dni"] / errors["last_block_only"],
         0.8,
     )
 
