@@ -186,7 +186,7 @@ class Trainer:
         """Whether the test split is evaluated after `step`."""
         return step % self.eval_every == 0 or step == total
 
-    def measures(self, step: int, total: int) -> bool:
+    def diagnoses(self, step: int, total: int) -> bool:
         """Whether gradient fidelity is measured after `step`, on the next step's batch."""
         return bool(self.diagnostics_every) and step % self.diagnostics_every == 0 and step < total
 
@@ -201,8 +201,8 @@ class Trainer:
             began = time.perf_counter()
             x, y = next(run.batches)
             fetched = time.perf_counter()
-            if self.measures(run.step, run.total):
-                steps.measure(run.step, (x, y))
+            if self.diagnoses(run.step, run.total):
+                steps.diagnose(run.step, (x, y))
             measured = time.perf_counter()  # measurements do not count as training time
             metrics = steps.train(run.step, x, y)
             run.step_schedulers()
@@ -222,7 +222,7 @@ class Steps(Protocol):
 
     method: Method
 
-    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+    def diagnose(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
         """Measure gradient fidelity after `t` steps, on the batch of step `t + 1`."""
 
     def train(self, t: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -247,7 +247,7 @@ class _OneProcess:
         self.eval_models = method.eval_models()
         self.window_start, self.window_samples = time.perf_counter(), 0
 
-    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+    def diagnose(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
         self.run.tracker.scalars(self.method.diagnostics(*batch), t + 1)
 
     def train(self, t: int, x: Tensor, y: Tensor) -> dict[str, Tensor]:

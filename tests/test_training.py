@@ -96,8 +96,8 @@ class _Recorder:
         self.method = SimpleNamespace(guard=Guard())
         self.calls: list[tuple] = []
 
-    def measure(self, t, batch):
-        self.calls.append(("measure", t, int(batch[0])))
+    def diagnose(self, t, batch):
+        self.calls.append(("diagnose", t, int(batch[0])))
 
     def train(self, t, x, y):
         self.calls.append(("train", t, int(x)))
@@ -123,17 +123,17 @@ def _loop(tmp_path, steps: _Recorder, start: int = 0, signum: int | None = None)
     Trainer(steps=6, diagnostics_every=2).loop(run, steps, stop, Progress(6, start, bar=False, every=0))
 
 
-def test_the_one_loop_measures_before_a_step_writes_after_it_and_saves_last(tmp_path):
-    """The order every way of running relies on: a measurement on the batch of the step about to
+def test_the_one_loop_diagnoses_before_a_step_writes_after_it_and_saves_last(tmp_path):
+    """The order every way of running relies on: diagnostics on the batch of the step about to
     run (never after the last), then the step, what is written after it, and a checkpoint at
     the checkpoint steps, after what was written; a resumed run goes on from its step."""
     _loop(tmp_path, fresh := _Recorder())
     assert fresh.calls == [
-        ("measure", 0, 0), ("train", 0, 0), ("after", 1),
+        ("diagnose", 0, 0), ("train", 0, 0), ("after", 1),
         ("train", 1, 1), ("after", 2),
-        ("measure", 2, 2), ("train", 2, 2), ("after", 3), ("save", 3),
+        ("diagnose", 2, 2), ("train", 2, 2), ("after", 3), ("save", 3),
         ("train", 3, 3), ("after", 4),
-        ("measure", 4, 4), ("train", 4, 4), ("after", 5),
+        ("diagnose", 4, 4), ("train", 4, 4), ("after", 5),
         ("train", 5, 5), ("after", 6), ("save", 6),
         ("finish",),
     ]  # fmt: skip

@@ -398,7 +398,7 @@ class _StageRun:
         checkpoint's own measurement was logged at `start + 1`, which the resumed run purges),
         but not step 0, whose weights are every rank's initial ones."""
         trainer, total = self.trainer, self.total
-        self.diagnosed = {s for s in range(start, total) if trainer.measures(s, total)}
+        self.diagnosed = {s for s in range(start, total) if trainer.diagnoses(s, total)}
         self.eval_steps = {s for s in range(start + 1, total + 1) if trainer.evaluates(s, total)}
         self.logged = {s for s in range(start + 1, total + 1) if trainer.logs(s, total)} | self.eval_steps
         self.report_steps = sorted(self.logged | (self.diagnosed - {0}))
@@ -454,7 +454,7 @@ class _StageRun:
             self.report_inboxes[j] = Inbox(link("reports", j, 0, report), len(self.report_steps), buffers)
 
     # -- the steps `Trainer.loop` drives (`dni.training.Steps`) ---------------------------
-    def measure(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
+    def diagnose(self, t: int, batch: tuple[Tensor, Tensor]) -> None:
         """Gradient fidelity is rank 0's: measured on the model assembled from every stage's
         weights of step `t`, once they are in (`Record.diagnose`)."""
         if self.record is not None:
