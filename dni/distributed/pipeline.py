@@ -274,6 +274,8 @@ class _StageRun:
         self.device = next(method.model.parameters()).device
         self.clock = StageClock()
         self.record: Record | None = None
+        self.pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
+        self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
 
     # -- the run ------------------------------------------------------------------------
     def fit(
@@ -307,18 +309,16 @@ class _StageRun:
             self.total, start, self.trainer.progress and mine, self.trainer.progress_every if mine else 0
         )
         self.method.train()
-        self.pending: deque[tuple[int, Tensor, Tensor, int]] = deque()  # batch, output, labels, regressions
-        self.regressions = 0  # targets used so far: a later count means the synthesizer stepped
         try:
             with run.ending():
                 try:
                     self.trainer.loop(run, self, signals, bar)
                 except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through `StopSignals(at_once=True)`
-                    raise self._interrupted(run, signals.signum or signal.SIGINT) from None
+                    raise self._interrupted(signals.signum or signal.SIGINT) from None
                 except PipelineError:
                     if signals.arrives(_SIGNAL_GRACE_S):
                         # Ctrl-C reaches every rank; a peer that handled it first looks lost from here.
-                        raise self._interrupted(run, signals.signum) from None
+                        raise self._interrupted(signals.signum) from None
                     raise
                 log.info("%s", where_time_went(self.rank, stage, self.clock.total))
                 if self.record is not None:
@@ -386,7 +386,8 @@ class _StageRun:
         if restored:
             self.record.load_state_dict(restored["record"])
 
-    def _interrupted(self, run: Run, signum: int) -> Interrupted:
+    def _interrupted(self, signum: int) -> Interrupted:
+        run = self.run
         return Interrupted(
             signum, run.step, str(run.out_dir), saved=False, last_checkpoint=run.last_checkpoint
         )
